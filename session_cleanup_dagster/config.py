@@ -1,0 +1,139 @@
+"""Run config for the three ops: one shared base, and each step's own knobs.
+
+Every field has a safe default, so the launchpad's default config is a valid real run and a
+dry run is one toggle. ``problems()`` lists what is invalid in an operator's words; the ops
+call it before touching the database.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+from pydantic import Field
+
+from session_cleanup_dagster.steps import StepOptions
+
+MAX_BATCH_SIZE = 50_000
+
+
+def parse_instant(value: str) -> datetime:
+    """Parse an ISO 8601 instant that names its offset (``Z`` or ``+hh:mm``), as UTC.
+
+    Raises:
+        ValueError: naming the value and the accepted form.
+    """
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"as_of {value!r} is not an ISO 8601 instant; write it like "
+            "2026-11-28T04:00:00Z or 2026-11-28T05:00:00+01:00."
+        ) from None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValueError(
+            f"as_of {value!r} has no timezone, so it could mean any of 24 instants; add Z "
+            "(UTC) or an offset such as +01:00."
+        )
+    return parsed.astimezone(UTC)
+
+
+class CleanupConfig(dg.Config):  # type: ignore[misc]
+    """Settings every step shares."""
+
+    as_of: str | None = Field(
+        default=None,
+        description=(
+            "Cutoff instant T (ISO 8601 with Z or an offset). Ignored by partitioned runs, "
+            "which use their partition's end (04:00 UTC the day after). Empty: the database's "
+            "now() when the run starts."
+        ),
+    )
+    dry_run: bool = Field(
+        default=False,
+        description="Count what would change and show sample ids; change nothing.",
+    )
+    batch_size: int = Field(
+        default=1000,
+        description=f"Rows per batch (1 to {MAX_BATCH_SIZE}); each batch is one transaction.",
+    )
+    max_rows: int | None = Field(
+        default=None,
+        description=(
+            "Safety cap: stop and fail before this step changes more rows than this. "
+            "Empty: no cap."
+        ),
+    )
+
+    def problems(self) -> list[str]:
+        """What is invalid, one sentence each; empty when the config is fine."""
+        found = []
+        if self.as_of is not None and self.as_of.strip():
+            try:
+                parse_instant(self.as_of)
+            except ValueError as exc:
+                found.append(str(exc))
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            found.append(f"batch_size is {self.batch_size}; use 1 to {MAX_BATCH_SIZE}.")
+        if self.max_rows is not None and self.max_rows < 1:
+            found.append(
+                f"max_rows is {self.max_rows}; use a positive number, or leave it empty for "
+                "no cap."
+            )
+        return found
+
+    def as_of_instant(self) -> datetime | None:
+        """The parsed ``as_of``, or None when unset."""
+        if self.as_of is None or not self.as_of.strip():
+            return None
+        return parse_instant(self.as_of)
+
+    def step_options(self) -> StepOptions:
+        """The settings the SQL functions take."""
+        return StepOptions(
+            batch_size=self.batch_size, dry_run=self.dry_run, max_rows=self.max_rows
+        )
+
+
+class ExpireSessionsConfig(CleanupConfig):  # type: ignore[misc]
+    """``expire_sessions``: end open sessions whose ``expires_at`` is before T."""
+
+
+class PurgeDeclinesConfig(CleanupConfig):  # type: ignore[misc]
+    """``purge_declines``: delete declines created before T minus the retention."""
+
+    retention_days: int = Field(
+        default=7, description="Keep declines this many days (1 to 3650)."
+    )
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if not 1 <= self.retention_days <= 3650:
+            found.append(f"retention_days is {self.retention_days}; use 1 to 3650 days.")
+        return found
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(days=self.retention_days)
+
+
+class RemoveOrphanFingerprintsConfig(CleanupConfig):  # type: ignore[misc]
+    """``remove_orphan_fingerprints``: delete fingerprints whose session no longer exists."""
+
+    grace_minutes: int = Field(
+        default=60,
+        description=(
+            "Spare orphans younger than this (1 to 10080), so a fingerprint whose session "
+            "insert has not committed yet survives."
+        ),
+    )
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if not 1 <= self.grace_minutes <= 10080:
+            found.append(f"grace_minutes is {self.grace_minutes}; use 1 to 10080 (one week).")
+        return found
+
+    @property
+    def grace(self) -> timedelta:
+        return timedelta(minutes=self.grace_minutes)

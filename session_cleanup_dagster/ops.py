@@ -1,0 +1,42 @@
+"""The three ops. Each is config in, one SQL function, metadata out; see running.py."""
+
+import dagster as dg
+
+from session_cleanup_dagster import steps
+from session_cleanup_dagster.config import (
+    ExpireSessionsConfig,
+    PurgeDeclinesConfig,
+    RemoveOrphanFingerprintsConfig,
+)
+from session_cleanup_dagster.resources import AppDatabase
+from session_cleanup_dagster.running import RETRY_POLICY, run_step
+
+_TAGS = {"kind": "postgres"}
+
+
+@dg.op(retry_policy=RETRY_POLICY, tags=_TAGS)
+def expire_sessions(
+    context: dg.OpExecutionContext, config: ExpireSessionsConfig, app_db: AppDatabase
+) -> dg.Output[None]:
+    """End every open session whose expires_at is before T (ended_at = expires_at)."""
+    return run_step(context, config, app_db, steps.expire_sessions)
+
+
+@dg.op(retry_policy=RETRY_POLICY, tags=_TAGS)
+def purge_declines(
+    context: dg.OpExecutionContext, config: PurgeDeclinesConfig, app_db: AppDatabase
+) -> dg.Output[None]:
+    """Delete declines created before T minus the retention (default 7 days)."""
+    return run_step(context, config, app_db, steps.purge_declines, retention=config.retention)
+
+
+@dg.op(retry_policy=RETRY_POLICY, tags=_TAGS)
+def remove_orphan_fingerprints(
+    context: dg.OpExecutionContext,
+    config: RemoveOrphanFingerprintsConfig,
+    app_db: AppDatabase,
+) -> dg.Output[None]:
+    """Delete fingerprints whose session is gone, older than T minus the grace period."""
+    return run_step(
+        context, config, app_db, steps.remove_orphan_fingerprints, grace=config.grace
+    )

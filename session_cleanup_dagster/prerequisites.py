@@ -1,0 +1,164 @@
+"""Checks a step makes before its first batch: tables, columns, types, indexes, privileges.
+
+A nightly job that fails half-way on ``permission denied`` is worse than one that refuses to
+start and says which ``GRANT`` is missing. These checks read only the catalog, so they cost a
+few milliseconds whatever the table size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from session_cleanup_dagster import tables as t
+from session_cleanup_dagster.errors import PermanentDatabaseError
+
+TIMESTAMPTZ = "timestamp with time zone"
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one step needs of one table."""
+
+    table: str
+    columns: dict[str, str]  # column -> information_schema data_type
+    privileges: tuple[str, ...]  # table-level privileges
+    column_privileges: tuple[tuple[str, str], ...] = ()  # (column, privilege)
+
+
+# FOR UPDATE (our row locks) needs UPDATE on at least one column as well as SELECT: that is
+# PostgreSQL's rule even when the statement that follows is a DELETE. docs/grants.sql grants
+# UPDATE on the id column only for the two tables we delete from.
+NEEDS: dict[str, tuple[Need, ...]] = {
+    "expire_sessions": (
+        Need(
+            t.SESSIONS,
+            {"id": "uuid", "expires_at": TIMESTAMPTZ, "ended_at": TIMESTAMPTZ},
+            ("SELECT",),
+            (("ended_at", "UPDATE"),),
+        ),
+    ),
+    "purge_declines": (
+        Need(
+            t.DECLINES,
+            {"id": "uuid", "created_at": TIMESTAMPTZ},
+            ("SELECT", "DELETE"),
+            (("id", "UPDATE"),),
+        ),
+    ),
+    "remove_orphan_fingerprints": (
+        Need(
+            t.FINGERPRINTS,
+            {"id": "uuid", "session_id": "uuid", "created_at": TIMESTAMPTZ},
+            ("SELECT", "DELETE"),
+            (("id", "UPDATE"),),
+        ),
+        Need(t.SESSIONS, {"id": "uuid"}, ("SELECT",)),
+    ),
+}
+
+# The indexes that keep a step's total work linear: (table, first column, why).
+INDEXES: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "expire_sessions": (
+        (
+            t.SESSIONS,
+            "expires_at",
+            f"CREATE INDEX CONCURRENTLY ON {t.SESSIONS} (expires_at) WHERE ended_at IS NULL",
+        ),
+    ),
+    "remove_orphan_fingerprints": (
+        (t.SESSIONS, "id", f"ALTER TABLE {t.SESSIONS} ADD PRIMARY KEY (id)"),
+    ),
+}
+
+
+def check(conn: sa.Connection, step: str, schema: str = "public") -> None:
+    """Raise PermanentDatabaseError naming the first thing ``step`` lacks, with the fix."""
+    t.check_identifier(schema, "schema")
+    for need in NEEDS[step]:
+        _check_table(conn, step, schema, need)
+    for table, column, fix in INDEXES.get(step, ()):
+        _check_index(conn, step, schema, table, column, fix)
+
+
+def _check_table(conn: sa.Connection, step: str, schema: str, need: Need) -> None:
+    qualified = f"{schema}.{need.table}"
+    exists = conn.execute(
+        sa.text(
+            "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE n.nspname = :schema AND c.relname = :table"
+            " AND c.relkind IN ('r', 'p')"
+        ),
+        {"schema": schema, "table": need.table},
+    ).first()
+    if exists is None:
+        raise PermanentDatabaseError(
+            f"{step}: table {qualified} does not exist in this database. Point "
+            "APP_DATABASE_URL at the app's database (and app_db.db_schema at its schema)."
+        )
+    found = dict(
+        conn.execute(
+            sa.text(
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = :schema AND table_name = :table"
+            ),
+            {"schema": schema, "table": need.table},
+        ).all()
+    )
+    for column, data_type in need.columns.items():
+        if column not in found:
+            raise PermanentDatabaseError(
+                f"{step}: column {qualified}.{column} does not exist; this job needs it "
+                f"as {data_type}. The app's schema differs from the reference schema."
+            )
+        if found[column] != data_type:
+            raise PermanentDatabaseError(
+                f"{step}: column {qualified}.{column} is {found[column]}, but this job needs "
+                f"{data_type}; comparing it to the cutoff would be wrong, so nothing was done."
+            )
+    regclass = {"rel": f'"{schema}"."{need.table}"'}
+    for privilege in need.privileges:
+        allowed = conn.execute(
+            sa.text("SELECT has_table_privilege(CAST(:rel AS regclass), :priv)"),
+            {**regclass, "priv": privilege},
+        ).scalar_one()
+        if not allowed:
+            raise _privilege_error(conn, step, qualified, privilege, None)
+    for column, privilege in need.column_privileges:
+        allowed = conn.execute(
+            sa.text("SELECT has_column_privilege(CAST(:rel AS regclass), :col, :priv)"),
+            {**regclass, "col": column, "priv": privilege},
+        ).scalar_one()
+        if not allowed:
+            raise _privilege_error(conn, step, qualified, privilege, column)
+
+
+def _privilege_error(
+    conn: sa.Connection, step: str, qualified: str, privilege: str, column: str | None
+) -> PermanentDatabaseError:
+    role = conn.execute(sa.text("SELECT current_user")).scalar_one()
+    target = f"{privilege} ({column})" if column else privilege
+    why = " (row locks need it, even before a DELETE)" if column == "id" else ""
+    return PermanentDatabaseError(
+        f"{step}: role {role} lacks {target} on {qualified}{why}. Fix: "
+        f"GRANT {target} ON {qualified} TO {role}; (docs/grants.sql has the full set)."
+    )
+
+
+def _check_index(
+    conn: sa.Connection, step: str, schema: str, table: str, column: str, fix: str
+) -> None:
+    found = conn.execute(
+        sa.text(
+            "SELECT 1 FROM pg_catalog.pg_index i"
+            " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+            " WHERE i.indrelid = CAST(:rel AS regclass) AND a.attname = :col AND i.indisvalid"
+        ),
+        {"rel": f'"{schema}"."{table}"', "col": column},
+    ).first()
+    if found is None:
+        raise PermanentDatabaseError(
+            f"{step}: no index on {schema}.{table} starts with {column}, so every batch would "
+            f"scan the table. Fix: {fix};"
+        )

@@ -1,0 +1,173 @@
+"""The ``app_db`` resource: how the job reaches the app's PostgreSQL database.
+
+Nothing here connects at import or definition time, so the code location loads (and the UI
+works) while the app database is down. The engine is created when a run starts and disposed
+when it ends: one engine, and so one small connection pool, per run.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import dagster as dg
+import sqlalchemy as sa
+from pydantic import Field, PrivateAttr
+
+from session_cleanup_dagster.errors import ConfigError
+from session_cleanup_dagster.urls import psycopg_url
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def session_options(
+    *,
+    lock_timeout_ms: int,
+    statement_timeout_ms: int,
+    idle_in_transaction_timeout_ms: int,
+) -> str:
+    """The libpq ``options`` string that sets our per-session limits on the server."""
+    settings = {
+        "lock_timeout": lock_timeout_ms,
+        "statement_timeout": statement_timeout_ms,
+        "idle_in_transaction_session_timeout": idle_in_transaction_timeout_ms,
+        # If this client dies mid-statement, the server notices within 2 s and rolls back
+        # instead of finishing a batch nobody will commit (PostgreSQL 14+).
+        "client_connection_check_interval": 2000,
+    }
+    return " ".join(f"-c {name}={int(value)}" for name, value in settings.items())
+
+
+def make_engine(
+    url: str,
+    *,
+    application_name: str = "session-cleanup-dagster",
+    lock_timeout_ms: int = 2000,
+    statement_timeout_ms: int = 60_000,
+    idle_in_transaction_timeout_ms: int = 60_000,
+    connect_timeout_s: int = 10,
+) -> sa.Engine:
+    """A SQLAlchemy engine on psycopg 3 with our session limits; it does not connect yet.
+
+    Raises:
+        ConfigError: the URL is not a PostgreSQL URL (the message hides any password).
+    """
+    try:
+        parsed = psycopg_url(url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    connect_args: dict[str, Any] = {
+        "application_name": application_name,
+        "connect_timeout": connect_timeout_s,
+        "options": session_options(
+            lock_timeout_ms=lock_timeout_ms,
+            statement_timeout_ms=statement_timeout_ms,
+            idle_in_transaction_timeout_ms=idle_in_transaction_timeout_ms,
+        ),
+    }
+    return sa.create_engine(
+        parsed,
+        connect_args=connect_args,
+        # One connection does all the work; a second covers a pre-ping replacement.
+        pool_size=1,
+        max_overflow=1,
+        # After a server restart the pooled connection is dead: find out before a batch.
+        pool_pre_ping=True,
+        # Bound parameters (ids, cutoffs) stay out of error messages and logs.
+        hide_parameters=True,
+    )
+
+
+class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc]
+    """The app's PostgreSQL database, reached with psycopg 3 through SQLAlchemy."""
+
+    url: str = Field(
+        description=(
+            "Database URL, from the APP_DATABASE_URL environment variable: postgresql://, "
+            "postgres:// or postgresql+psycopg://. Always driven by psycopg 3."
+        )
+    )
+    db_schema: str = Field(
+        default="public",
+        description="Schema that holds the app's tables (a plain lower-case identifier).",
+    )
+    application_name: str = Field(
+        default="session-cleanup-dagster",
+        description="Shown in pg_stat_activity, so a DBA can see who is working.",
+    )
+    lock_timeout_ms: int = Field(
+        default=2000,
+        description="Longest wait for a lock; rows the app holds are skipped, not waited on.",
+    )
+    statement_timeout_ms: int = Field(
+        default=60_000, description="Longest single statement; a batch takes far less."
+    )
+    idle_in_transaction_timeout_ms: int = Field(
+        default=60_000,
+        description="The server ends a transaction this client left open this long.",
+    )
+    connect_timeout_s: int = Field(default=10, description="Longest wait for a connection.")
+
+    _engine: sa.Engine | None = PrivateAttr(default=None)
+
+    def validate_settings(self) -> None:
+        """Check the settings that can be checked without a connection.
+
+        Raises:
+            ConfigError: with what is wrong and what is valid.
+        """
+        if not _IDENTIFIER.match(self.db_schema):
+            raise ConfigError(
+                f"app_db.db_schema {self.db_schema!r} is not a plain identifier: use lower-case "
+                "letters, digits and underscores, starting with a letter or underscore."
+            )
+        for name in ("lock_timeout_ms", "statement_timeout_ms", "idle_in_transaction_timeout_ms"):
+            value = getattr(self, name)
+            if not 1 <= value <= 3_600_000:
+                raise ConfigError(
+                    f"app_db.{name} is {value}: use 1 to 3600000 (milliseconds)."
+                )
+        if not 1 <= self.connect_timeout_s <= 300:
+            raise ConfigError(
+                f"app_db.connect_timeout_s is {self.connect_timeout_s}: use 1 to 300 (seconds)."
+            )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Create the run's engine (no connection is made here)."""
+        self.get_engine()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Close every connection of the run's engine."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def get_engine(self) -> sa.Engine:
+        """The run's engine; created on first use outside a Dagster run."""
+        if self._engine is None:
+            self.validate_settings()
+            self._engine = make_engine(
+                self.url,
+                application_name=self.application_name,
+                lock_timeout_ms=self.lock_timeout_ms,
+                statement_timeout_ms=self.statement_timeout_ms,
+                idle_in_transaction_timeout_ms=self.idle_in_transaction_timeout_ms,
+                connect_timeout_s=self.connect_timeout_s,
+            )
+        return self._engine
+
+    def password(self) -> str | None:
+        """The password in the URL, so error messages can be scrubbed of it."""
+        try:
+            return psycopg_url(self.url).password
+        except ValueError:
+            return None
+
+    def describe(self) -> str:
+        """``host:port/database`` for messages; never the user or password."""
+        try:
+            parsed = psycopg_url(self.url)
+        except ValueError:
+            return "APP_DATABASE_URL (malformed)"
+        host = parsed.host or parsed.query.get("host") or "local socket"
+        return f"{host}:{parsed.port or 5432}/{parsed.database or ''}"

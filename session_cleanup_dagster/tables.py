@@ -1,0 +1,79 @@
+"""SQLAlchemy Core descriptions of the app's tables: only the columns this job touches.
+
+The app owns the schema; these objects only let SQLAlchemy build and quote our statements.
+They are declared, not reflected, so building them needs no database connection.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+SESSIONS = "after_hours_sessions"
+DECLINES = "after_hours_declines"
+FINGERPRINTS = "device_fingerprints"
+USERS = "users"
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The three tables the steps change (users is only ever referenced)."""
+
+    sessions: sa.Table
+    declines: sa.Table
+    fingerprints: sa.Table
+
+
+def check_identifier(value: str, what: str) -> str:
+    """Accept only plain lower-case identifiers; anything else is refused, never quoted in.
+
+    Raises:
+        ValueError: naming the offending value and what is valid.
+    """
+    if not _IDENTIFIER.match(value):
+        raise ValueError(
+            f"{what} {value!r} is not a plain identifier: use lower-case letters, digits and "
+            "underscores, starting with a letter or underscore, at most 63 characters."
+        )
+    return value
+
+
+@lru_cache(maxsize=16)
+def reflect(schema: str = "public") -> Tables:
+    """The table objects for ``schema`` (validated, then quoted by SQLAlchemy when used)."""
+    check_identifier(schema, "schema")
+    metadata = sa.MetaData(schema=schema)
+    tz = sa.DateTime(timezone=True)
+    sessions = sa.Table(
+        SESSIONS,
+        metadata,
+        sa.Column("id", pg.UUID, primary_key=True),
+        sa.Column("expires_at", tz),
+        sa.Column("ended_at", tz),
+    )
+    declines = sa.Table(
+        DECLINES,
+        metadata,
+        sa.Column("id", pg.UUID, primary_key=True),
+        sa.Column("created_at", tz),
+    )
+    fingerprints = sa.Table(
+        FINGERPRINTS,
+        metadata,
+        sa.Column("id", pg.UUID, primary_key=True),
+        sa.Column("session_id", pg.UUID),
+        sa.Column("created_at", tz),
+    )
+    return Tables(sessions=sessions, declines=declines, fingerprints=fingerprints)
+
+
+def qualified_name(conn: sa.Connection, table: sa.Table) -> str:
+    """``"schema"."table"``, quoted by the dialect, for use as a bound ``regclass`` value."""
+    preparer = conn.dialect.identifier_preparer
+    return preparer.format_table(table)

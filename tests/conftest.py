@@ -1,0 +1,46 @@
+"""Fixtures shared by the suite: a real PostgreSQL server and one fresh database per test.
+
+The server is the one on 127.0.0.1:5432 when it answers (CI here), or an embedded PostgreSQL
+16 from the pgserver wheel otherwise (a fresh machine), or whatever
+SESSION_CLEANUP_TEST_ADMIN_URL names. Every test database has a unique name and is dropped
+afterwards, so two runs of the suite at once never meet, and the server's own databases
+(test, postgres, root) are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests import pg
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def admin_url() -> Iterator[str]:
+    """A superuser URL to a maintenance database on a real server."""
+    with pg.server() as url:
+        yield url
+
+
+@pytest.fixture
+def database_url(admin_url: str) -> Iterator[str]:
+    """A fresh, empty database of this test's own; dropped afterwards."""
+    with pg.scratch_database(admin_url) as url:
+        yield url
+
+
+@pytest.fixture
+def app_url(database_url: str) -> str:
+    """A fresh database holding the app's reference schema, with no rows."""
+    pg.create_schema(database_url)
+    return database_url
