@@ -8,15 +8,30 @@ import dagster as dg
 def build_schedule(job: dg.JobDefinition) -> dg.ScheduleDefinition:
     """``session_cleanup_schedule``: cron ``0 4 * * *`` in UTC, running by default.
 
-    Derived from the job's partitions, so the tick at 04:00 UTC on day D+1 launches partition
-    D with cutoff 04:00 UTC on D+1. Dagster's default for such schedules is STOPPED; a cleanup
-    that must be switched on by hand after every deploy would silently not run.
+    The tick at 04:00 UTC on day D+1 launches partition D, whose window ends at that instant,
+    so the run's cutoff is the tick time. Written out rather than built with
+    ``build_schedule_from_partitioned_job``, which defaults to STOPPED (a cleanup that must be
+    switched on by hand after every deploy silently does not run) and calls a deprecated API.
     """
-    schedule = dg.build_schedule_from_partitioned_job(
-        job,
+    partitions = job.partitions_def
+    assert isinstance(partitions, dg.TimeWindowPartitionsDefinition)
+
+    @dg.schedule(
         name="session_cleanup_schedule",
-        description="Nightly at 04:00 UTC, one hour after the app's message cleanup at 03:00.",
+        cron_schedule="0 4 * * *",
+        execution_timezone="UTC",
+        job=job,
         default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Nightly at 04:00 UTC, one hour after the app's message cleanup at 03:00.",
     )
-    assert isinstance(schedule, dg.ScheduleDefinition)
-    return schedule
+    def session_cleanup_schedule(
+        context: dg.ScheduleEvaluationContext,
+    ) -> dg.RunRequest | dg.SkipReason:
+        with dg.partition_loading_context(effective_dt=context.scheduled_execution_time):
+            partition_key = partitions.get_last_partition_key()
+        if partition_key is None:
+            return dg.SkipReason("No partition has ended yet (before the partitions' start).")
+        # run_key = partition: a tick evaluated twice never launches the same night twice.
+        return dg.RunRequest(run_key=partition_key, partition_key=partition_key)
+
+    return session_cleanup_schedule

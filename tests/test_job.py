@@ -1,0 +1,232 @@
+"""The whole job through Dagster (execute_in_process) against a real PostgreSQL.
+
+Touches: definitions, ops, config, cutoff and the app_db resource, on a fresh database per
+test. State is compared to tests.model for all four tables.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from session_cleanup_dagster.definitions import defs
+from tests import data, model, pg
+from tests.data import T
+from tests.jobrun import OPS, attempts, failure_message, output_metadata, run_job
+
+
+def test_partitioned_run_uses_the_partition_end_as_cutoff(app_url: str) -> None:
+    data.boundaries(app_url)
+    before = pg.snapshot(app_url)
+    result = run_job(app_url, partition_key="2026-11-27")
+    assert result.success
+    assert pg.snapshot(app_url) == model.cleanup(before, T)
+    for op in OPS:
+        meta = output_metadata(result, op)
+        assert meta["cutoff_iso"] == "2026-11-28T04:00:00+00:00"
+        assert meta["cutoff_source"] == "partition"
+    assert output_metadata(result, "expire_sessions")["rows_changed"] == 3
+    assert output_metadata(result, "purge_declines")["rows_changed"] == 2
+    assert output_metadata(result, "remove_orphan_fingerprints")["rows_changed"] == 2
+
+
+def test_output_metadata_has_counts_batches_cutoff_duration_rate(app_url: str) -> None:
+    data.boundaries(app_url)
+    result = run_job(app_url, partition_key="2026-11-27")
+    meta = output_metadata(result, "purge_declines")
+    assert {"rows_changed", "batches", "cutoff", "duration_s", "rows_per_s", "dry_run"} <= set(meta)
+    assert meta["dry_run"] is False
+    assert meta["batches"] >= 1
+
+
+def test_as_of_sets_the_cutoff_of_an_unpartitioned_run(app_url: str) -> None:
+    data.boundaries(app_url)
+    before = pg.snapshot(app_url)
+    as_of = "2026-11-28T05:00:00+01:00"  # the same instant as T
+    result = run_job(app_url, op_config={op: {"as_of": as_of} for op in OPS})
+    assert result.success
+    assert pg.snapshot(app_url) == model.cleanup(before, T)
+    assert output_metadata(result, "expire_sessions")["cutoff_source"] == "as_of"
+
+
+def test_run_without_partition_or_as_of_uses_database_now_once_for_all_ops(
+    app_url: str,
+) -> None:
+    data.boundaries(app_url)
+    before = pg.snapshot(app_url)
+    with dg.instance_for_test() as instance:
+        result = run_job(app_url, instance=instance)
+        run = instance.get_run_by_id(result.run_id)
+    assert result.success
+    cutoffs = {output_metadata(result, op)["cutoff_iso"] for op in OPS}
+    assert len(cutoffs) == 1
+    cutoff = datetime.fromisoformat(cutoffs.pop())
+    assert abs((datetime.now(UTC) - cutoff).total_seconds()) < 300
+    assert output_metadata(result, "purge_declines")["cutoff_source"] == "database_now"
+    assert pg.snapshot(app_url) == model.cleanup(before, cutoff)
+    assert run is not None and run.tags["session_cleanup/cutoff"] == cutoff.isoformat()
+
+
+def test_dry_run_through_the_job_changes_nothing_and_reports_samples(app_url: str) -> None:
+    data.boundaries(app_url)
+    before = pg.snapshot(app_url)
+    result = run_job(
+        app_url, partition_key="2026-11-27", op_config={op: {"dry_run": True} for op in OPS}
+    )
+    assert result.success
+    assert pg.snapshot(app_url) == before
+    meta = output_metadata(result, "purge_declines")
+    assert (meta["rows_changed"], meta["rows_matched"], meta["dry_run"]) == (0, 2, True)
+    assert str(data.uid(201)) in meta["sample_ids"]
+
+
+def test_a_failing_step_does_not_stop_the_others_but_fails_the_run(app_url: str) -> None:
+    data.boundaries(app_url)
+    before = pg.snapshot(app_url)
+    pg.execute(app_url, "ALTER TABLE after_hours_declines DROP COLUMN created_at")
+    result = run_job(app_url, partition_key="2026-11-27")
+    assert not result.success
+    assert "column public.after_hours_declines.created_at does not exist" in failure_message(
+        result, "purge_declines"
+    )
+    assert attempts(result, "purge_declines") == 1  # permanent: not retried
+    after = pg.snapshot(app_url)
+    expected = model.remove_orphan_fingerprints(model.expire_sessions(before, T), T)
+    assert after["after_hours_sessions"] == expected["after_hours_sessions"]
+    assert after["device_fingerprints"] == expected["device_fingerprints"]
+    assert len(after["after_hours_declines"]) == len(before["after_hours_declines"])
+
+
+def test_missing_table_fails_at_once_and_names_it(app_url: str) -> None:
+    pg.execute(app_url, "DROP TABLE device_fingerprints")
+    result = run_job(app_url, partition_key="2026-11-27")
+    message = failure_message(result, "remove_orphan_fingerprints")
+    assert "table public.device_fingerprints does not exist" in message
+    assert "APP_DATABASE_URL" in message
+    assert attempts(result, "remove_orphan_fingerprints") == 1
+    assert result.is_node_success("expire_sessions")
+
+
+def test_missing_index_fails_fast_and_says_how_to_create_it(app_url: str) -> None:
+    pg.execute(app_url, "DROP INDEX after_hours_sessions_open_expires_idx")
+    result = run_job(app_url, partition_key="2026-11-27")
+    message = failure_message(result, "expire_sessions")
+    assert "no index on public.after_hours_sessions starts with expires_at" in message
+    assert "CREATE INDEX CONCURRENTLY" in message
+
+
+def test_wrong_column_type_fails_before_any_change(app_url: str) -> None:
+    data.boundaries(app_url)
+    pg.execute(app_url, "ALTER TABLE after_hours_declines ALTER COLUMN created_at TYPE text")
+    before = pg.snapshot(app_url)
+    result = run_job(app_url, partition_key="2026-11-27")
+    message = failure_message(result, "purge_declines")
+    assert "is text, but this job needs timestamp with time zone" in message
+    assert pg.snapshot(app_url)["after_hours_declines"] == before["after_hours_declines"]
+
+
+def test_role_without_delete_fails_fast_naming_the_grant(app_url: str) -> None:
+    data.boundaries(app_url)
+    role = "sct_nodelete_" + app_url.rsplit("/", 1)[1][-12:]
+    pg.execute(app_url, f'CREATE ROLE "{role}" LOGIN')
+    try:
+        pg.execute(app_url, f'GRANT SELECT, UPDATE ON ALL TABLES IN SCHEMA public TO "{role}"')
+        pg.execute(app_url, f'GRANT DELETE ON after_hours_declines TO "{role}"')
+        before = pg.snapshot(app_url)
+        role_url = app_url.replace("postgres@", f"{role}@", 1)
+        result = run_job(role_url, partition_key="2026-11-27")
+        message = failure_message(result, "remove_orphan_fingerprints")
+        assert f"role {role} lacks DELETE on public.device_fingerprints" in message
+        assert f"GRANT DELETE ON public.device_fingerprints TO {role}" in message
+        assert attempts(result, "remove_orphan_fingerprints") == 1
+        after = pg.snapshot(app_url)
+        assert after["device_fingerprints"] == before["device_fingerprints"]
+        assert after == model.purge_declines(model.expire_sessions(before, T), T)
+    finally:
+        pg.execute(app_url, f'DROP OWNED BY "{role}"')
+        pg.execute(app_url, f'DROP ROLE "{role}"')
+
+
+def test_unreachable_database_is_retried_with_backoff_then_fails_clearly() -> None:
+    url = "postgresql://cleanup:s3cret-pw@127.0.0.1:1/app"  # nothing listens on port 1
+    result = run_job(url, partition_key="2026-11-27")
+    assert not result.success
+    message = failure_message(result, "expire_sessions")
+    assert "127.0.0.1:1/app" in message and "Connection refused" in message
+    assert "s3cret-pw" not in message
+    assert attempts(result, "expire_sessions") == 4  # the first try and 3 retries
+
+
+def test_invalid_config_is_rejected_before_any_work(app_url: str) -> None:
+    data.boundaries(app_url)
+    before = pg.snapshot(app_url)
+    result = run_job(
+        app_url,
+        op_config={
+            "expire_sessions": {"batch_size": 0},
+            "purge_declines": {"retention_days": 100000},
+            "remove_orphan_fingerprints": {"as_of": "yesterday"},
+        },
+    )
+    assert not result.success
+    assert "batch_size is 0; use 1 to 50000" in failure_message(result, "expire_sessions")
+    assert "retention_days is 100000; use 1 to 3650" in failure_message(result, "purge_declines")
+    assert "is not an ISO 8601 instant" in failure_message(result, "remove_orphan_fingerprints")
+    for op in OPS:
+        assert attempts(result, op) == 1
+    assert pg.snapshot(app_url) == before
+
+
+def test_as_of_in_the_future_is_rejected(app_url: str) -> None:
+    result = run_job(app_url, op_config={"expire_sessions": {"as_of": "2999-01-01T00:00:00Z"}})
+    assert "is in the future" in failure_message(result, "expire_sessions")
+
+
+def test_schedule_tick_at_0400_utc_targets_the_previous_day_with_cutoff_0400(
+    app_url: str,
+) -> None:
+    schedule = defs.get_repository_def().get_schedule_def("session_cleanup_schedule")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 4 * * *", "UTC")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    tick = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=tick,
+            repository_def=defs.get_repository_def(),
+        )
+        requests = schedule.evaluate_tick(context).run_requests
+        assert requests is not None and len(requests) == 1
+        assert requests[0].partition_key == "2026-11-27"
+        data.boundaries(app_url)
+        before = pg.snapshot(app_url)
+        result = run_job(app_url, partition_key=requests[0].partition_key, instance=instance)
+    assert output_metadata(result, "expire_sessions")["cutoff_iso"] == "2026-11-28T04:00:00+00:00"
+    assert pg.snapshot(app_url) == model.cleanup(before, T)
+
+
+def test_definitions_load_with_warnings_as_errors() -> None:
+    code = (
+        "import warnings; warnings.simplefilter('error');"
+        "import session_cleanup_dagster.definitions as d;"
+        "d.defs.get_repository_def().load_all_definitions()"
+    )
+    subprocess.run([sys.executable, "-W", "error", "-c", code], check=True)
+
+
+def test_dagster_definitions_validate_passes_without_a_database() -> None:
+    env_missing = {"APP_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    import os
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate",
+         "-m", "session_cleanup_dagster.definitions"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env_missing},
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
