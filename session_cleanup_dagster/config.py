@@ -60,8 +60,7 @@ class CleanupConfig(dg.Config):  # type: ignore[misc]
     max_rows: int | None = Field(
         default=None,
         description=(
-            "Safety cap: stop and fail before this step changes more rows than this. "
-            "Empty: no cap."
+            "Safety cap: stop and fail before this step changes more rows than this. Empty: no cap."
         ),
     )
 
@@ -77,8 +76,7 @@ class CleanupConfig(dg.Config):  # type: ignore[misc]
             found.append(f"batch_size is {self.batch_size}; use 1 to {MAX_BATCH_SIZE}.")
         if self.max_rows is not None and self.max_rows < 1:
             found.append(
-                f"max_rows is {self.max_rows}; use a positive number, or leave it empty for "
-                "no cap."
+                f"max_rows is {self.max_rows}; use a positive number, or leave it empty for no cap."
             )
         return found
 
@@ -90,9 +88,7 @@ class CleanupConfig(dg.Config):  # type: ignore[misc]
 
     def step_options(self) -> StepOptions:
         """The settings the SQL functions take."""
-        return StepOptions(
-            batch_size=self.batch_size, dry_run=self.dry_run, max_rows=self.max_rows
-        )
+        return StepOptions(batch_size=self.batch_size, dry_run=self.dry_run, max_rows=self.max_rows)
 
 
 class ExpireSessionsConfig(CleanupConfig):  # type: ignore[misc]
@@ -102,9 +98,7 @@ class ExpireSessionsConfig(CleanupConfig):  # type: ignore[misc]
 class PurgeDeclinesConfig(CleanupConfig):  # type: ignore[misc]
     """``purge_declines``: delete declines created before T minus the retention."""
 
-    retention_days: int = Field(
-        default=7, description="Keep declines this many days (1 to 3650)."
-    )
+    retention_days: int = Field(default=7, description="Keep declines this many days (1 to 3650).")
 
     def problems(self) -> list[str]:
         found = super().problems()

@@ -37,6 +37,4 @@ def remove_orphan_fingerprints(
     app_db: AppDatabase,
 ) -> dg.Output[None]:
     """Delete fingerprints whose session is gone, older than T minus the grace period."""
-    return run_step(
-        context, config, app_db, steps.remove_orphan_fingerprints, grace=config.grace
-    )
+    return run_step(context, config, app_db, steps.remove_orphan_fingerprints, grace=config.grace)

@@ -97,15 +97,16 @@ def _check_table(conn: sa.Connection, step: str, schema: str, need: Need) -> Non
             f"{step}: table {qualified} does not exist in this database. Point "
             "APP_DATABASE_URL at the app's database (and app_db.db_schema at its schema)."
         )
-    found = dict(
-        conn.execute(
+    found: dict[str, str] = {
+        row.column_name: row.data_type
+        for row in conn.execute(
             sa.text(
                 "SELECT column_name, data_type FROM information_schema.columns"
                 " WHERE table_schema = :schema AND table_name = :table"
             ),
             {"schema": schema, "table": need.table},
-        ).all()
-    )
+        )
+    }
     for column, data_type in need.columns.items():
         if column not in found:
             raise PermanentDatabaseError(

@@ -78,7 +78,7 @@ def make_engine(
     )
 
 
-class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc]
+class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
     """The app's PostgreSQL database, reached with psycopg 3 through SQLAlchemy."""
 
     url: str = Field(
@@ -124,9 +124,7 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc]
         for name in ("lock_timeout_ms", "statement_timeout_ms", "idle_in_transaction_timeout_ms"):
             value = getattr(self, name)
             if not 1 <= value <= 3_600_000:
-                raise ConfigError(
-                    f"app_db.{name} is {value}: use 1 to 3600000 (milliseconds)."
-                )
+                raise ConfigError(f"app_db.{name} is {value}: use 1 to 3600000 (milliseconds).")
         if not 1 <= self.connect_timeout_s <= 300:
             raise ConfigError(
                 f"app_db.connect_timeout_s is {self.connect_timeout_s}: use 1 to 300 (seconds)."

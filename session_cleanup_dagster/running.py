@@ -74,8 +74,11 @@ def run_step(
     except steps.SafetyCapExceeded as exc:
         raise dg.Failure(
             description=str(exc),
-            metadata={"rows_changed": exc.changed, "next_batch": exc.next_batch,
-                      "max_rows": exc.max_rows},
+            metadata={
+                "rows_changed": exc.changed,
+                "next_batch": exc.next_batch,
+                "max_rows": exc.max_rows,
+            },
             allow_retries=False,
         ) from None
     except (errors.ConfigError, errors.PermanentDatabaseError, ValueError) as exc:
@@ -154,8 +157,7 @@ def describe_progress(progress: steps.Progress) -> str:
     """One progress line: rows done, rate, and time left from the walk's position."""
     rate = progress.changed / progress.elapsed if progress.elapsed > 0 else 0.0
     line = (
-        f"{progress.step}: {progress.changed} rows in {progress.batches} batches, "
-        f"{rate:.0f} rows/s"
+        f"{progress.step}: {progress.changed} rows in {progress.batches} batches, {rate:.0f} rows/s"
     )
     if progress.total_units and progress.done_units:
         fraction = min(1.0, progress.done_units / progress.total_units)

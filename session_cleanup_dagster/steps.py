@@ -196,9 +196,12 @@ def _walk(
             rows = walk.select_batch(conn, limit, lock=not options.dry_run)
             ids = [row[0] for row in rows]
             changed = len(ids) if options.dry_run else (walk.apply(conn, ids) if ids else 0)
-            if options.max_rows is not None and not options.dry_run:
-                if progress.changed + changed > options.max_rows:
-                    raise SafetyCapExceeded(name, progress.changed, changed, options.max_rows)
+            if (
+                options.max_rows is not None
+                and not options.dry_run
+                and progress.changed + changed > options.max_rows
+            ):
+                raise SafetyCapExceeded(name, progress.changed, changed, options.max_rows)
         if ids:
             progress.batches += 1
             progress.changed += changed
@@ -361,9 +364,7 @@ class _HeapWalk:
             self.position = (self.hi_page, 0)
             if len(rows) < limit / 2:
                 self.window = min(MAX_WINDOW_PAGES, self.window * 2)
-        if self.position[0] < self.end_page:
-            return True
-        return False
+        return self.position[0] < self.end_page
 
     def finish_or_extend(self, conn: sa.Connection) -> bool:
         """Rows the app rewrote during the walk may now sit past the old end: walk on once."""

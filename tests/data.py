@@ -40,7 +40,11 @@ def insert_session(
 
 
 def insert_decline(
-    url: str, decline_id: uuid.UUID, session_id: uuid.UUID, user: str, declined: str,
+    url: str,
+    decline_id: uuid.UUID,
+    session_id: uuid.UUID,
+    user: str,
+    declined: str,
     created_at: datetime | None,
 ) -> None:
     pg.execute(
@@ -53,7 +57,10 @@ def insert_decline(
 
 
 def insert_fingerprint(
-    url: str, fp_id: uuid.UUID, session_id: uuid.UUID | None, created_at: datetime,
+    url: str,
+    fp_id: uuid.UUID,
+    session_id: uuid.UUID | None,
+    created_at: datetime,
     user_id: str | None = "u1",
 ) -> None:
     pg.execute(

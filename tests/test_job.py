@@ -6,9 +6,11 @@ test. State is compared to tests.model for all four tables.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 
@@ -217,16 +219,27 @@ def test_definitions_load_with_warnings_as_errors() -> None:
     subprocess.run([sys.executable, "-W", "error", "-c", code], check=True)
 
 
-def test_dagster_definitions_validate_passes_without_a_database() -> None:
-    env_missing = {"APP_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
-    import os
-
+def test_dagster_definitions_validate_passes_without_a_database(tmp_path: Path) -> None:
+    # The app database is unreachable: loading the code location must not connect to it.
+    env = {
+        **os.environ,
+        "APP_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+        "DAGSTER_HOME": str(tmp_path),
+    }
     completed = subprocess.run(
-        [sys.executable, "-m", "dagster", "definitions", "validate",
-         "-m", "session_cleanup_dagster.definitions"],
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "definitions",
+            "validate",
+            "-m",
+            "session_cleanup_dagster.definitions",
+        ],
         capture_output=True,
         text=True,
-        env={**os.environ, **env_missing},
+        env=env,
+        cwd=tmp_path,
         timeout=300,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr

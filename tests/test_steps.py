@@ -50,8 +50,9 @@ def test_expired_open_session_gets_ended_at_equal_to_expires_at(app_url: str) ->
     assert sessions[uid(104)]["ended_at"] == T - 4 * data.DAY  # already ended: untouched
 
 
-@pytest.mark.parametrize("step_name", ["expire_sessions", "purge_declines",
-                                       "remove_orphan_fingerprints"])
+@pytest.mark.parametrize(
+    "step_name", ["expire_sessions", "purge_declines", "remove_orphan_fingerprints"]
+)
 def test_each_step_changes_only_its_own_rows(app_url: str, step_name: str) -> None:
     data.boundaries(app_url)
     before = pg.snapshot(app_url)
@@ -74,7 +75,9 @@ def test_earlier_cutoff_after_a_run_changes_nothing(app_url: str) -> None:
     run_all(app_url)
     once = pg.snapshot(app_url)
     assert run_all(app_url, cutoff=T - timedelta(days=3)) == {
-        "sessions": 0, "declines": 0, "fingerprints": 0,
+        "sessions": 0,
+        "declines": 0,
+        "fingerprints": 0,
     }
     assert pg.snapshot(app_url) == once
 
@@ -133,15 +136,24 @@ def _hold_row_lock(url: str, sql: str, locked: threading.Event, release: threadi
 @pytest.mark.parametrize(
     ("step_name", "lock_sql", "locked_id"),
     [
-        ("expire_sessions",
-         "SELECT 1 FROM after_hours_sessions WHERE id = '00000000-0000-0000-0000-000000000065'"
-         " FOR UPDATE", uid(101)),
-        ("purge_declines",
-         "SELECT 1 FROM after_hours_declines WHERE id = '00000000-0000-0000-0000-0000000000c9'"
-         " FOR UPDATE", uid(201)),
-        ("remove_orphan_fingerprints",
-         "SELECT 1 FROM device_fingerprints WHERE id = '00000000-0000-0000-0000-00000000012d'"
-         " FOR UPDATE", uid(301)),
+        (
+            "expire_sessions",
+            "SELECT 1 FROM after_hours_sessions WHERE id = '00000000-0000-0000-0000-000000000065'"
+            " FOR UPDATE",
+            uid(101),
+        ),
+        (
+            "purge_declines",
+            "SELECT 1 FROM after_hours_declines WHERE id = '00000000-0000-0000-0000-0000000000c9'"
+            " FOR UPDATE",
+            uid(201),
+        ),
+        (
+            "remove_orphan_fingerprints",
+            "SELECT 1 FROM device_fingerprints WHERE id = '00000000-0000-0000-0000-00000000012d'"
+            " FOR UPDATE",
+            uid(301),
+        ),
     ],
 )
 def test_row_locked_by_the_app_is_skipped_without_waiting_and_left_for_next_run(
@@ -195,8 +207,8 @@ def test_safety_cap_stops_before_passing_max_rows_and_keeps_batches_whole(app_ur
     assert (raised.value.changed, raised.value.max_rows) == (2, 2)
     after = pg.snapshot(app_url)
     ended = [
-        r for r, b in zip(after["after_hours_sessions"], before["after_hours_sessions"],
-                          strict=True)
+        r
+        for r, b in zip(after["after_hours_sessions"], before["after_hours_sessions"], strict=True)
         if r != b
     ]
     assert len(ended) == 2

@@ -1,0 +1,84 @@
+"""The ``session-cleanup`` command: seed a database, or run the whole job on a local demo."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import sqlalchemy as sa
+
+from session_cleanup_dagster.resources import make_engine
+from session_cleanup_dagster.seed import parse_scale, seed_database
+
+DEMO_USERS = 2000
+
+
+@click.group()
+def main() -> None:
+    """Nightly cleanup of the After Hours app database, as a Dagster code location."""
+
+
+@main.command()
+@click.option(
+    "--database-url",
+    envvar="APP_DATABASE_URL",
+    required=True,
+    help="Target database (default: $APP_DATABASE_URL). Its tables are created if missing.",
+)
+@click.option(
+    "--scale",
+    default="XS",
+    show_default=True,
+    help="Number of users, or XS (10k), S (200k), L (1M). Rows: 5 sessions, 5 declines and "
+    "1.5 fingerprints per user.",
+)
+@click.option("--seed", "seed_value", default=0, show_default=True, help="Randomness seed.")
+@click.option(
+    "--anchor",
+    default=None,
+    help="Instant the data is relative to (ISO 8601); default: now.",
+)
+def seed(database_url: str, scale: str, seed_value: int, anchor: str | None) -> None:
+    """Create the reference schema and deterministic synthetic data at a chosen size."""
+    try:
+        users = parse_scale(scale)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--scale") from None
+    anchor_dt = datetime.fromisoformat(anchor).astimezone(UTC) if anchor else None
+    engine = _engine(database_url)
+    try:
+        counts = seed_database(engine, users, anchor=anchor_dt, seed=seed_value)
+    finally:
+        engine.dispose()
+    for table, count in counts.items():
+        click.echo(f"{table:<22} {count:>10}")
+
+
+@main.command()
+@click.option("--users", default=DEMO_USERS, show_default=True, help="Demo size, in users.")
+def demo(users: int) -> None:
+    """Start an embedded PostgreSQL, seed it, run the job through Dagster, show the counts.
+
+    Needs no PostgreSQL server: the pgserver wheel brings one, and everything it starts is
+    stopped and removed at the end.
+    """
+    from session_cleanup_dagster.demo import run_demo
+
+    with tempfile.TemporaryDirectory(prefix="session-cleanup-demo-") as home:
+        ok = run_demo(Path(home), users=users, echo=click.echo)
+    sys.exit(0 if ok else 1)
+
+
+def _engine(url: str) -> sa.Engine:
+    try:
+        return make_engine(url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--database-url") from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=os.path.basename(sys.argv[0]))
