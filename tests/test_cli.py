@@ -8,12 +8,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 from tests import pg
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("session-cleanup")
+    # The console script sits beside this interpreter (the venv is not always on PATH).
+    beside = Path(sys.executable).parent / "session-cleanup"
+    exe = str(beside) if beside.exists() else shutil.which("session-cleanup")
     assert exe is not None, "the package's console script is not installed"
     return subprocess.run(
         [exe, *args],
