@@ -84,7 +84,9 @@ def test_describe_names_host_and_database_but_no_credentials() -> None:
     assert resource.password() == "Hunter2-secret"
 
 
-@pytest.mark.parametrize("schema", ['public"; DROP TABLE users; --', "Public", "a b", ""])
+@pytest.mark.parametrize(
+    "schema", ['public"; DROP TABLE users; --', "Public", "a b", "", "public\n"]
+)
 def test_hostile_or_odd_schema_names_are_refused(schema: str) -> None:
     with pytest.raises(ConfigError, match="not a plain identifier"):
         AppDatabase(url="postgresql://u@h/db", db_schema=schema).validate_settings()
