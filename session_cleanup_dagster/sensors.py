@@ -178,14 +178,17 @@ def build_sensors(job: dg.JobDefinition) -> list[dg.SensorDefinition]:
     def session_cleanup_staleness_alert(context: dg.SensorEvaluationContext) -> dg.SkipReason:
         state: dict[str, float] = json.loads(context.cursor) if context.cursor else {}
         now = time.time()
-        # A fresh deployment counts from the first time this sensor ran.
-        since = state.setdefault("since", now)
+        # With no success at all, count from when this deployment started: the first run of
+        # the job, or this sensor's first tick if that is earlier.
+        since = min(state.setdefault("since", now), _first_run_created(context.instance, job_name))
         last = _last_real_success(context.instance, job_name)
         reference = max(last or 0.0, since)
         if now - reference < STALE_AFTER_S:
             state.pop("alerted", None)
             context.update_cursor(json.dumps(state))
-            return dg.SkipReason("a cleanup run succeeded within 26 h")
+            return dg.SkipReason(
+                "not stale: last success, or start of watching, less than 26 h ago"
+            )
         if now - state.get("alerted", 0.0) < STALE_REPEAT_S:
             context.update_cursor(json.dumps(state))
             return dg.SkipReason("stale; already alerted within 24 h")
@@ -215,6 +218,11 @@ def build_sensors(job: dg.JobDefinition) -> list[dg.SensorDefinition]:
 def _is_dry_run(run_config: Mapping[str, Any]) -> bool:
     ops = run_config.get("ops") or {}
     return any(((op or {}).get("config") or {}).get("dry_run") for op in ops.values())
+
+
+def _first_run_created(instance: dg.DagsterInstance, job_name: str) -> float:
+    records = instance.get_run_records(dg.RunsFilter(job_name=job_name), limit=1, ascending=True)
+    return records[0].create_timestamp.timestamp() if records else time.time()
 
 
 def _last_real_success(instance: dg.DagsterInstance, job_name: str) -> float | None:
