@@ -1,13 +1,17 @@
 """What every op does around its SQL function: validate, resolve T, check, run, report.
 
-Errors leave here sorted. Transient database errors are raised as TransientDatabaseError and
-the op's RetryPolicy retries them. Everything else becomes ``dagster.Failure`` with
+Errors leave here sorted. Transient database errors are retried: ``dagster.RetryRequested``
+(3 retries, exponential backoff from 2 s with jitter) caused by a TransientDatabaseError.
+Not a ``RetryPolicy``: Dagster turns an interrupt inside an op that has a RetryPolicy into a
+retry, so a terminated run would re-run each op (waiting out the backoff) before ending
+CANCELED; measured, 24 s instead of under 1 s. Everything else becomes ``dagster.Failure`` with
 ``allow_retries=False``: bad config, a missing table, column, index or privilege, bad
 credentials, the safety cap. A retry would only fail the same way, later.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,12 +28,14 @@ from session_cleanup_dagster.resources import AppDatabase
 
 PROGRESS_EVERY_S = 5.0
 
-RETRY_POLICY = dg.RetryPolicy(
-    max_retries=3,
-    delay=2,
-    backoff=dg.Backoff.EXPONENTIAL,
-    jitter=dg.Jitter.PLUS_MINUS,
-)
+MAX_RETRIES = 3
+RETRY_DELAY_S = 2.0
+
+
+def retry_delay_s(retry_number: int) -> float:
+    """Exponential backoff from 2 s (2, 4, 8 s), each with +-50 % jitter."""
+    return float(RETRY_DELAY_S * 2**retry_number * random.uniform(0.5, 1.5))  # noqa: S311
+
 
 StepFunction = Callable[..., steps.StepResult]
 
@@ -96,7 +102,9 @@ def run_step(
         message = errors.explain(exc, where=where, secrets=secrets)
         if errors.is_transient(exc):
             context.log.warning("%s", message)
-            raise errors.TransientDatabaseError(message) from None
+            raise dg.RetryRequested(
+                max_retries=MAX_RETRIES, seconds_to_wait=retry_delay_s(context.retry_number)
+            ) from errors.TransientDatabaseError(message)
         raise dg.Failure(description=message, allow_retries=False) from None
     except sa.exc.ArgumentError as exc:
         raise dg.Failure(

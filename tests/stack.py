@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(
-    what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.2
-) -> Any:
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
     """Poll until ``predicate`` returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -67,15 +65,15 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+def stop_group(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
+) -> None:
     """Signal a process group, wait for its leader, then make sure the whole group is gone."""
     pgid = proc.pid
     if proc.poll() is None and group_alive(pgid):
         os.killpg(pgid, sig)
-        try:
+        with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
     deadline = time.monotonic() + 10
     while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -275,3 +273,50 @@ def instance(env: dict[str, str]) -> dg.DagsterInstance:
     """The stack's instance, from the test process (to read runs and events)."""
     os.environ["DAGSTER_PG_URL"] = env["DAGSTER_PG_URL"]
     return dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
+
+
+class AlertServer:
+    """A local HTTP server that records every JSON body POSTed to it (the alert webhook)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        received: list[dict[str, Any]] = []
+        self.received = received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def texts(self) -> list[str]:
+        return [str(body.get("text", "")) for body in list(self.received)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def worker_pid(inst: dg.DagsterInstance, run_id: str) -> int:
+    """The run worker's pid, from the run's "Started process for run (pid: N)." event."""
+    import re
+
+    for entry in inst.all_logs(run_id):
+        match = re.search(r"Started process for run \(pid: (\d+)\)", entry.message or "")
+        if match:
+            return int(match.group(1))
+    raise AssertionError(f"no run worker pid logged for {run_id}")
