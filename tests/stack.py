@@ -124,7 +124,8 @@ class Stack:
         data = self.graphql(
             """{ workspaceOrError { ... on Workspace { locationEntries {
                    name loadStatus locationOrLoadError { __typename } } } }
-                 instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"""
+                 instance { daemonHealth {
+                   allDaemonStatuses { daemonType healthy required } } } }"""
         )
         entries = data["workspaceOrError"]["locationEntries"]
         loaded = any(
@@ -179,9 +180,15 @@ class Stack:
         op_config: dict[str, Any] | None = None,
         resources: dict[str, Any] | None = None,
         tags: dict[str, str] | None = None,
+        op_selection: list[str] | None = None,
+        per_op: dict[str, dict[str, Any]] | None = None,
     ) -> str:
-        ops = ("expire_sessions", "purge_declines", "remove_orphan_fingerprints")
-        run_config: dict[str, Any] = {"ops": {op: {"config": dict(op_config or {})} for op in ops}}
+        ops = op_selection or ["expire_sessions", "purge_declines", "remove_orphan_fingerprints"]
+        run_config: dict[str, Any] = {
+            "ops": {
+                op: {"config": {**(op_config or {}), **(per_op or {}).get(op, {})}} for op in ops
+            }
+        }
         if resources:
             run_config["resources"] = {
                 "app_db": {"config": {"url": {"env": "APP_DATABASE_URL"}, **resources}}
@@ -200,6 +207,7 @@ class Stack:
                         "repositoryLocationName": LOCATION,
                         "repositoryName": "__repository__",
                         "pipelineName": JOB,
+                        "solidSelection": op_selection,
                     },
                     "runConfigData": run_config,
                     "executionMetadata": {
