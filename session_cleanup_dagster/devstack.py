@@ -9,7 +9,7 @@ terminal reaches only this process, which then shuts down in order:
 
 1. ask Dagster (GraphQL ``terminateRuns``) to terminate every queued and in-flight run, and
    wait, within a bound, until each is CANCELED;
-2. stop the daemon's process group (daemon, its code server, any run worker), then the
+2. stop the daemon's process group (daemon, its code server, any run worker) and the
    webserver's; SIGKILL whatever is left after a bound;
 3. stop the embedded PostgreSQL and remove the temporary directory.
 
@@ -157,27 +157,24 @@ class _Children:
                 return f"{name} exited with code {proc.returncode}"
         return None
 
-    def stop(self, name: str, echo: Echo) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None:
-            return
-        pgid = proc.pid
-        _signal_group(pgid, signal.SIGTERM)
+    def stop(self, names: list[str], echo: Echo) -> None:
+        """SIGTERM each named group (in this order), wait, SIGKILL what is left after 20 s."""
+        procs = {name: self.procs.pop(name) for name in names if name in self.procs}
+        for proc in procs.values():
+            _signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while time.monotonic() < deadline and (_group_alive(pgid) or proc.poll() is None):
-            if proc.poll() is None:
+        for name, proc in procs.items():
+            while time.monotonic() < deadline and (_group_alive(proc.pid) or proc.poll() is None):
                 with suppress(subprocess.TimeoutExpired):
                     proc.wait(0.2)
-            else:
-                time.sleep(0.2)
-        if _group_alive(pgid):
-            echo(f"{name}: still running after {STOP_TIMEOUT_S:.0f} s; killing its group.")
-            _signal_group(pgid, signal.SIGKILL)
-        proc.wait()
-        deadline = time.monotonic() + 10
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        echo(f"{name} stopped.")
+            if _group_alive(proc.pid):
+                echo(f"{name}: still running after {STOP_TIMEOUT_S:.0f} s; killing its group.")
+                _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            end = time.monotonic() + 10
+            while _group_alive(proc.pid) and time.monotonic() < end:
+                time.sleep(0.1)
+            echo(f"{name} stopped.")
 
 
 def _group_alive(pgid: int) -> bool:
@@ -239,7 +236,8 @@ def _ready(base: str) -> str | None:
 
 def _terminate_runs(base: str, instance: dg.DagsterInstance, timeout_s: float, echo: Echo) -> None:
     """Terminate every queued and in-flight run, and wait until none is left (bounded)."""
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     asked: set[str] = set()
     while True:
         runs = instance.get_runs(dg.RunsFilter(statuses=IN_FLIGHT))
@@ -268,9 +266,11 @@ def _terminate_runs(base: str, instance: dg.DagsterInstance, timeout_s: float, e
             )
             return
         time.sleep(0.2)
+    took = time.monotonic() - started
     for run_id in sorted(asked):
         run = instance.get_run_by_id(run_id)
-        echo(f"Run {run_id}: {run.status.value if run else 'gone'}")
+        status = run.status.value if run else "gone"
+        echo(f"Run {run_id}: {status} (all done {took:.1f} s after asking)")
 
 
 def run_dev(options: DevOptions, echo: Echo) -> int:
@@ -341,8 +341,9 @@ def _run(
                     _terminate_runs(base, instance, options.cancel_timeout_s, echo)
                 except (OSError, RuntimeError) as exc:
                     echo(f"Could not terminate runs through the webserver: {exc}")
-            children.stop("daemon", echo)
-            children.stop("webserver", echo)
+            # The runs are CANCELED by now, so both can go at once; the daemon first, so it
+            # launches nothing more.
+            children.stop(["daemon", "webserver"], echo)
     return code
 
 

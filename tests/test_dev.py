@@ -83,6 +83,7 @@ def test_sigterm_during_a_run_cancels_it_and_leaves_nothing_running(
         log.close()
     out = _text(tmp_path)
     assert f"Run {run_id}: CANCELED" in out, out
+    print("[timing] " + next(line for line in out.splitlines() if line.startswith(f"Run {run_id}")))
     assert "Stopped; nothing left running." in out
     alive = [p for p in [*family, pg_pid] if psutil.pid_exists(p) and _running(p)]
     assert not alive, f"left running: {alive}"

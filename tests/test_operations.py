@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -175,11 +175,12 @@ def test_terminate_mid_batch_cancels_within_5_s_and_a_rerun_finishes(
     assert retries_of(stack, run_id) == [], "the canceled run was retried"
 
 
-def test_sigkill_of_the_run_worker_fails_the_run_and_a_retry_finishes(
+def test_sigkill_of_the_run_worker_fails_the_run_and_a_retry_finishes_with_its_cutoff(
     stack: Stack, env: dict[str, str], app_url: str
 ) -> None:
+    """Unpartitioned: T is the database's now() at start, kept in a run tag the retry copies."""
     before = reseed(app_url, 400)
-    run_id = stack.submit(partition=PARTITION, per_op=SLOW)
+    run_id = stack.submit(per_op=SLOW)
     wait_until_working(stack, run_id, app_url, before)
     with instance(env) as inst:
         pid = worker_pid(inst, run_id)
@@ -187,11 +188,12 @@ def test_sigkill_of_the_run_worker_fails_the_run_and_a_retry_finishes(
     killed = time.monotonic()
     assert stack.wait_status(run_id, DONE, timeout=60) == "FAILURE"
     print(f"\n[timing] worker SIGKILL -> run FAILURE: {time.monotonic() - killed:.2f} s")
-    retry = wait_for(
-        "a retry run", lambda: [r for r in retries_of(stack, run_id) if r["runId"] != run_id], 60
-    )
+    retry = wait_for("a retry run", lambda: retries_of(stack, run_id), 60)
     assert stack.wait_status(retry[0]["runId"], DONE, timeout=120) == "SUCCESS"
-    assert pg.snapshot(app_url) == model.cleanup(before, T)
+    runs = {r["runId"]: r for r in stack.runs()}
+    cutoff = _cutoff(runs[run_id])
+    assert _cutoff(runs[retry[0]["runId"]]) == cutoff
+    assert pg.snapshot(app_url) == model.cleanup(before, datetime.fromisoformat(cutoff))
 
 
 def test_whole_stack_killed_mid_run_is_failed_by_the_sensor_then_retried(
