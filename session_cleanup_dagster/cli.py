@@ -73,6 +73,43 @@ def demo(users: int) -> None:
     sys.exit(0 if ok else 1)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Webserver address.")
+@click.option("--port", default=3000, show_default=True, help="Webserver port (0: any free).")
+@click.option(
+    "--project-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Directory with dagster.yaml and workspace.yaml (default: this checkout).",
+)
+@click.option(
+    "--users", default=DEMO_USERS, show_default=True, help="Demo data size (embedded only)."
+)
+@click.option(
+    "--cancel-timeout",
+    default=30.0,
+    show_default=True,
+    help="On shutdown, how long to wait for terminated runs to reach CANCELED (seconds).",
+)
+def dev(host: str, port: int, project_dir: Path | None, users: int, cancel_timeout: float) -> None:
+    """Run the webserver, daemon and code location until Ctrl-C or SIGTERM.
+
+    Uses the repo's dagster.yaml and workspace.yaml. Without APP_DATABASE_URL or
+    DAGSTER_PG_URL it starts an embedded PostgreSQL for both and seeds demo data. On
+    shutdown it terminates every in-flight run and waits for CANCELED, then stops everything.
+    """
+    from session_cleanup_dagster.devstack import DevOptions, run_dev
+
+    options = DevOptions(
+        host=host,
+        port=port,
+        project_dir=project_dir,
+        users=users,
+        cancel_timeout_s=cancel_timeout,
+    )
+    sys.exit(run_dev(options, echo=lambda line: click.echo(line, err=True)))
+
+
 def _engine(url: str) -> sa.Engine:
     try:
         return make_engine(url)

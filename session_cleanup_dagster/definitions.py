@@ -5,11 +5,13 @@ import dagster as dg
 from session_cleanup_dagster.jobs import build_job, partitions_start_date
 from session_cleanup_dagster.resources import AppDatabase
 from session_cleanup_dagster.schedules import build_schedule
+from session_cleanup_dagster.sensors import build_sensors
 
 session_cleanup_job = build_job(partitions_start_date())
 
 defs = dg.Definitions(
     jobs=[session_cleanup_job],
     schedules=[build_schedule(session_cleanup_job)],
+    sensors=build_sensors(session_cleanup_job),
     resources={"app_db": AppDatabase(url=dg.EnvVar("APP_DATABASE_URL"))},
 )

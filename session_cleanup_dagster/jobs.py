@@ -16,6 +16,9 @@ import dagster as dg
 from session_cleanup_dagster.ops import expire_sessions, purge_declines, remove_orphan_fingerprints
 
 START_DATE_ENV = "SESSION_CLEANUP_START_DATE"
+# Every run of the job carries this tag; dagster.yaml's run queue admits one run with it at
+# a time (concurrency.runs.tag_concurrency_limits).
+EXCLUSIVE_TAG = "session_cleanup/exclusive"
 DEFAULT_START_DATE = "2026-01-01"
 
 
@@ -52,7 +55,7 @@ def build_job(start_date: str) -> dg.JobDefinition:
         ),
         partitions_def=daily_partitions(start_date),
         executor_def=dg.in_process_executor,
-        tags={"team": "platform"},
+        tags={"team": "platform", EXCLUSIVE_TAG: "app_db"},
     )
     def session_cleanup_job() -> None:
         expire_sessions()

@@ -1,4 +1,8 @@
-"""The three ops. Each is config in, one SQL function, metadata out; see running.py."""
+"""The three ops. Each is config in, one SQL function, metadata out; see running.py.
+
+They have no RetryPolicy on purpose: running.py retries transient database errors itself
+(RetryRequested), because Dagster turns an interrupt into a retry under a RetryPolicy.
+"""
 
 import dagster as dg
 
@@ -9,12 +13,12 @@ from session_cleanup_dagster.config import (
     RemoveOrphanFingerprintsConfig,
 )
 from session_cleanup_dagster.resources import AppDatabase
-from session_cleanup_dagster.running import RETRY_POLICY, run_step
+from session_cleanup_dagster.running import run_step
 
 _TAGS = {"kind": "postgres"}
 
 
-@dg.op(retry_policy=RETRY_POLICY, tags=_TAGS)
+@dg.op(tags=_TAGS)
 def expire_sessions(
     context: dg.OpExecutionContext, config: ExpireSessionsConfig, app_db: AppDatabase
 ) -> dg.Output[None]:
@@ -22,7 +26,7 @@ def expire_sessions(
     return run_step(context, config, app_db, steps.expire_sessions)
 
 
-@dg.op(retry_policy=RETRY_POLICY, tags=_TAGS)
+@dg.op(tags=_TAGS)
 def purge_declines(
     context: dg.OpExecutionContext, config: PurgeDeclinesConfig, app_db: AppDatabase
 ) -> dg.Output[None]:
@@ -30,7 +34,7 @@ def purge_declines(
     return run_step(context, config, app_db, steps.purge_declines, retention=config.retention)
 
 
-@dg.op(retry_policy=RETRY_POLICY, tags=_TAGS)
+@dg.op(tags=_TAGS)
 def remove_orphan_fingerprints(
     context: dg.OpExecutionContext,
     config: RemoveOrphanFingerprintsConfig,

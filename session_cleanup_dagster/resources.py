@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from pydantic import Field, PrivateAttr
 
 from session_cleanup_dagster.errors import ConfigError
+from session_cleanup_dagster.locking import RunLock
 from session_cleanup_dagster.tables import check_identifier
 from session_cleanup_dagster.urls import psycopg_url
 
@@ -105,8 +106,16 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
         description="The server ends a transaction this client left open this long.",
     )
     connect_timeout_s: int = Field(default=10, description="Longest wait for a connection.")
+    lock_wait_s: int = Field(
+        default=300,
+        description=(
+            "Longest wait for the cleanup lock while another cleanup holds it; then the run "
+            "fails, having changed nothing (see the README's overlap guard)."
+        ),
+    )
 
     _engine: sa.Engine | None = PrivateAttr(default=None)
+    _run_lock: RunLock | None = PrivateAttr(default=None)
 
     def validate_settings(self) -> None:
         """Check the settings that can be checked without a connection.
@@ -122,6 +131,10 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
             value = getattr(self, name)
             if not 1 <= value <= 3_600_000:
                 raise ConfigError(f"app_db.{name} is {value}: use 1 to 3600000 (milliseconds).")
+        if not 0 <= self.lock_wait_s <= 86_400:
+            raise ConfigError(
+                f"app_db.lock_wait_s is {self.lock_wait_s}: use 0 to 86400 (seconds)."
+            )
         if not 1 <= self.connect_timeout_s <= 300:
             raise ConfigError(
                 f"app_db.connect_timeout_s is {self.connect_timeout_s}: use 1 to 300 (seconds)."
@@ -132,7 +145,10 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
         self.get_engine()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        """Close every connection of the run's engine."""
+        """Close every connection of the run's engine, and the lock connection."""
+        if self._run_lock is not None:
+            self._run_lock.close()
+            self._run_lock = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
@@ -150,6 +166,12 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
                 connect_timeout_s=self.connect_timeout_s,
             )
         return self._engine
+
+    def run_lock(self, run_id: str) -> RunLock:
+        """This run's cleanup lock (not yet taken); one per run, shared by its ops."""
+        if self._run_lock is None:
+            self._run_lock = RunLock(self.url, run_id, connect_timeout_s=self.connect_timeout_s)
+        return self._run_lock
 
     def password(self) -> str | None:
         """The password in the URL, so error messages can be scrubbed of it."""

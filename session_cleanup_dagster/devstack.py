@@ -1,0 +1,366 @@
+"""``session-cleanup dev``: webserver, daemon and code location from one command.
+
+Why not ``dagster dev``: a signal to ``dagster dev`` alone leaves its code server and run
+worker going (the run finished SUCCESS after the operator shut down), a signal to its whole
+process group fails the run (and run_retries re-runs it on the next start), and started in
+the background from a script it ignored SIGTERM. Here ``dagster-webserver`` and
+``dagster-daemon`` are two children, each in a process group of its own, so a Ctrl-C in the
+terminal reaches only this process, which then shuts down in order:
+
+1. ask Dagster (GraphQL ``terminateRuns``) to terminate every queued and in-flight run, and
+   wait, within a bound, until each is CANCELED;
+2. stop the daemon's process group (daemon, its code server, any run worker) and the
+   webserver's; SIGKILL whatever is left after a bound;
+3. stop the embedded PostgreSQL and remove the temporary directory.
+
+Without ``APP_DATABASE_URL`` or ``DAGSTER_PG_URL`` an embedded PostgreSQL serves both (two
+databases), and the app database is seeded with demo data, so the production dagster.yaml
+(Postgres storage) is what runs locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from session_cleanup_dagster.embedded import embedded_postgres
+from session_cleanup_dagster.resources import make_engine
+from session_cleanup_dagster.seed import seed_database
+
+LOCATION = "session_cleanup_dagster"
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+STOP_TIMEOUT_S = 20.0
+READY_TIMEOUT_S = 180.0
+
+Echo = Callable[[str], None]
+
+
+class Shutdown(Exception):
+    """A signal asked the stack to stop."""
+
+
+@dataclass(frozen=True)
+class DevOptions:
+    """What ``session-cleanup dev`` was asked for."""
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    project_dir: Path | None = None
+    users: int = 2000
+    cancel_timeout_s: float = 30.0
+
+
+def project_dir(given: Path | None) -> Path:
+    """Where dagster.yaml and workspace.yaml are: given, else this checkout, else the cwd."""
+    candidates = [given] if given else [Path(__file__).resolve().parents[1], Path.cwd()]
+    for candidate in candidates:
+        if candidate and (candidate / "dagster.yaml").is_file():
+            return candidate.resolve()
+    raise FileNotFoundError("no dagster.yaml found; run from the repository or pass --project-dir")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _install_signal_handlers() -> None:
+    """Obey SIGTERM, SIGINT and SIGHUP even if started with them ignored.
+
+    A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored
+    across exec: without this, our children (and so the run workers, which Dagster stops
+    with SIGINT) would ignore it too. A handled signal is reset to the default in children.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        raise Shutdown(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def _ignore_signals() -> None:
+    """While shutting down, a second Ctrl-C must not cut the orderly shutdown short."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextmanager
+def _databases(users: int, echo: Echo) -> Iterator[tuple[str, str]]:
+    """The app and storage URLs: from the environment, or an embedded server for the rest."""
+    app_url = os.environ.get("APP_DATABASE_URL", "").strip()
+    storage_url = os.environ.get("DAGSTER_PG_URL", "").strip()
+    if app_url and storage_url:
+        echo("Using APP_DATABASE_URL and DAGSTER_PG_URL from the environment.")
+        yield app_url, storage_url
+        return
+    with embedded_postgres() as server:
+        echo(f"Embedded PostgreSQL 16 started (pid {server.pid}).")
+        if not storage_url:
+            storage_url = server.create_database("dagster")
+            echo("Run storage: embedded database 'dagster'.")
+        if not app_url:
+            app_url = server.create_database("app")
+            engine = make_engine(app_url)
+            try:
+                counts = seed_database(engine, users)
+            finally:
+                engine.dispose()
+            echo(
+                "App database: embedded database 'app', seeded with "
+                + ", ".join(f"{n} {t}" for t, n in counts.items())
+                + "."
+            )
+        yield app_url, storage_url
+    echo("Embedded PostgreSQL stopped and removed.")
+
+
+class _Children:
+    """The webserver and daemon, each leading a process group of its own."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, command: list[str], cwd: Path) -> None:
+        # The children's output goes to the terminal as with `dagster dev`.
+        self.procs[name] = subprocess.Popen(  # noqa: S603 - our own fixed command lines
+            command, cwd=cwd, env=self.env, start_new_session=True
+        )
+
+    def exited(self) -> str | None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+    def stop(self, names: list[str], echo: Echo) -> None:
+        """SIGTERM each named group (in this order), wait, SIGKILL what is left after 20 s."""
+        procs = {name: self.procs.pop(name) for name in names if name in self.procs}
+        for proc in procs.values():
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for name, proc in procs.items():
+            while time.monotonic() < deadline and (_group_alive(proc.pid) or proc.poll() is None):
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(0.2)
+            if _group_alive(proc.pid):
+                echo(f"{name}: still running after {STOP_TIMEOUT_S:.0f} s; killing its group.")
+                _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            end = time.monotonic() + 10
+            while _group_alive(proc.pid) and time.monotonic() < end:
+                time.sleep(0.1)
+            echo(f"{name} stopped.")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _graphql(base: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+    request = urllib.request.Request(  # noqa: S310 - our own webserver on http://host:port
+        f"{base}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        body = json.loads(response.read())
+    if body.get("errors"):
+        raise RuntimeError(f"GraphQL error: {body['errors']}")
+    return dict(body["data"])
+
+
+_READY_QUERY = """{
+  workspaceOrError { ... on Workspace { locationEntries {
+    name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } }
+  instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } }
+}"""
+
+
+def _ready(base: str) -> str | None:
+    """None when the code location is loaded and the daemons are healthy; else why not."""
+    try:
+        data = _graphql(base, _READY_QUERY)
+    except (OSError, RuntimeError) as exc:
+        return f"webserver not answering ({type(exc).__name__})"
+    entries = data["workspaceOrError"].get("locationEntries", [])
+    entry = next((e for e in entries if e["name"] == LOCATION), None)
+    if entry is None or entry["loadStatus"] != "LOADED":
+        return "code location loading"
+    loaded = entry["locationOrLoadError"]
+    if loaded["__typename"] != "RepositoryLocation":
+        raise RuntimeError(f"code location failed to load: {loaded.get('message')}")
+    unhealthy = [
+        s["daemonType"]
+        for s in data["instance"]["daemonHealth"]["allDaemonStatuses"]
+        if s["required"] and not s["healthy"]
+    ]
+    return f"daemons starting: {', '.join(unhealthy)}" if unhealthy else None
+
+
+def _terminate_runs(base: str, instance: dg.DagsterInstance, timeout_s: float, echo: Echo) -> None:
+    """Terminate every queued and in-flight run, and wait until none is left (bounded)."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    asked: set[str] = set()
+    while True:
+        runs = instance.get_runs(dg.RunsFilter(statuses=IN_FLIGHT))
+        if not runs:
+            break
+        new = [
+            r.run_id
+            for r in runs
+            if r.run_id not in asked and r.status != dg.DagsterRunStatus.CANCELING
+        ]
+        if new:
+            echo(f"Terminating {len(new)} run(s): {', '.join(new)}")
+            _graphql(
+                base,
+                """mutation($ids: [String!]!) { terminateRuns(runIds: $ids) {
+                     __typename } }""",
+                {"ids": new},
+            )
+            asked.update(new)
+        if time.monotonic() >= deadline:
+            echo(
+                f"{len(runs)} run(s) not CANCELED after {timeout_s:.0f} s: "
+                + ", ".join(f"{r.run_id} {r.status.value}" for r in runs)
+                + ". Stopping anyway; a run left STARTED is failed by the stuck-run sensor on "
+                "the next start, and every committed batch is complete."
+            )
+            return
+        time.sleep(0.2)
+    took = time.monotonic() - started
+    for run_id in sorted(asked):
+        run = instance.get_run_by_id(run_id)
+        status = run.status.value if run else "gone"
+        echo(f"Run {run_id}: {status} (all done {took:.1f} s after asking)")
+
+
+def run_dev(options: DevOptions, echo: Echo) -> int:
+    """Run the stack until a signal; return the exit code."""
+    _install_signal_handlers()
+    project = project_dir(options.project_dir)
+    bin_dir = Path(sys.executable).parent
+    port = options.port or _free_port(options.host)
+    base = f"http://{options.host}:{port}"
+    temp = Path(tempfile.mkdtemp(prefix="session-cleanup-dev-"))
+    code = 0
+    try:
+        code = _run(options, project, bin_dir, base, port, temp, echo)
+    except Shutdown as exc:
+        # A signal before the stack was up: the context managers stopped what had started.
+        echo(f"{exc}: stopped during start-up.")
+    finally:
+        _ignore_signals()
+        shutil.rmtree(temp, ignore_errors=True)
+    echo("Stopped; nothing left running.")
+    return code
+
+
+def _run(
+    options: DevOptions, project: Path, bin_dir: Path, base: str, port: int, temp: Path, echo: Echo
+) -> int:
+    code = 0
+    with ExitStack() as stack:
+        app_url, storage_url = stack.enter_context(_databases(options.users, echo))
+        home = temp / "dagster_home"
+        home.mkdir()
+        shutil.copy(project / "dagster.yaml", home / "dagster.yaml")
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "APP_DATABASE_URL": app_url,
+            "DAGSTER_PG_URL": storage_url,
+        }
+        # Our own instance (to list runs at shutdown) reads the same settings.
+        os.environ.update({"DAGSTER_HOME": str(home), "DAGSTER_PG_URL": storage_url})
+        instance = stack.enter_context(dg.DagsterInstance.from_config(str(home)))
+        children = _Children(env)
+        workspace = str(project / "workspace.yaml")
+        try:
+            children.start(
+                "webserver",
+                [
+                    str(bin_dir / "dagster-webserver"),
+                    "-h",
+                    options.host,
+                    "-p",
+                    str(port),
+                    "-w",
+                    workspace,
+                ],
+                project,
+            )
+            children.start(
+                "daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], project
+            )
+            code = _serve(base, children, echo)
+        except Shutdown as exc:
+            echo(f"{exc}: shutting down.")
+        finally:
+            _ignore_signals()
+            if "webserver" in children.procs and children.procs["webserver"].poll() is None:
+                try:
+                    _terminate_runs(base, instance, options.cancel_timeout_s, echo)
+                except (OSError, RuntimeError) as exc:
+                    echo(f"Could not terminate runs through the webserver: {exc}")
+            # The runs are CANCELED by now, so both can go at once; the daemon first, so it
+            # launches nothing more.
+            children.stop(["daemon", "webserver"], echo)
+    return code
+
+
+def _serve(base: str, children: _Children, echo: Echo) -> int:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    reason: str | None = "starting"
+    while reason is not None:
+        if (exited := children.exited()) is not None:
+            echo(f"{exited} during start-up.")
+            return 1
+        if time.monotonic() > deadline:
+            echo(f"not ready after {READY_TIMEOUT_S:.0f} s: {reason}")
+            return 1
+        time.sleep(0.5)
+        reason = _ready(base)
+    echo(f"Dagster UI: {base}  (ready; Ctrl-C or SIGTERM stops everything)")
+    while (exited := children.exited()) is None:
+        time.sleep(1.0)
+    echo(f"{exited}; stopping the rest.")
+    return 1

@@ -1,0 +1,330 @@
+"""A real Dagster stack for tests: dagster-daemon and dagster-webserver as separate processes.
+
+They run with the repo's dagster.yaml (copied into a temporary DAGSTER_HOME) and
+workspace.yaml, against Postgres run storage in a scratch database, and are driven through
+GraphQL (``dagster_graphql.DagsterGraphQLClient`` plus a few raw queries), as an operator's
+tools drive them. (``DagsterGraphQLClient`` 1.13.27 fails against the pinned gql 4.0.0 with
+"request should be a GraphQLRequest object", so the same queries are sent with requests.)
+Each process runs in its own process group, so stopping (or SIGKILLing) a
+group also takes its code server and any run worker with it; ``stop`` checks nothing of the
+group is left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+JOB = "session_cleanup_job"
+LOCATION = "session_cleanup_dagster"
+TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+    """Poll until ``predicate`` returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (requests.RequestException, OSError) as exc:
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({last_error})")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
+) -> None:
+    """Signal a process group, wait for its leader, then make sure the whole group is gone."""
+    pgid = proc.pid
+    if proc.poll() is None and group_alive(pgid):
+        os.killpg(pgid, sig)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+    deadline = time.monotonic() + 10
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait(10)
+    wait_for(f"process group {pgid} to be gone", lambda: not group_alive(pgid), 10)
+
+
+@dataclass
+class Stack:
+    """A running daemon + webserver pair; see :func:`running_stack`."""
+
+    home: Path
+    env: dict[str, str]
+    port: int = 0
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.port = free_port()
+        commands = {
+            "daemon": [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+            "webserver": [
+                str(BIN / "dagster-webserver"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-w",
+                str(REPO / "workspace.yaml"),
+            ],
+        }
+        for name, command in commands.items():
+            log = (self.home / f"{name}.log").open("ab")
+            self.processes[name] = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            log.close()
+        wait_for("the webserver and daemons to be ready", self.ready, 180, interval=0.5)
+
+    def ready(self) -> bool:
+        data = self.graphql(
+            """{ workspaceOrError { ... on Workspace { locationEntries {
+                   name loadStatus locationOrLoadError { __typename } } } }
+                 instance { daemonHealth {
+                   allDaemonStatuses { daemonType healthy required } } } }"""
+        )
+        entries = data["workspaceOrError"]["locationEntries"]
+        loaded = any(
+            e["name"] == LOCATION
+            and e["loadStatus"] == "LOADED"
+            and e["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+            for e in entries
+        )
+        statuses = data["instance"]["daemonHealth"]["allDaemonStatuses"]
+        healthy = all(s["healthy"] for s in statuses if s["required"])
+        return loaded and healthy
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        for name in ("daemon", "webserver"):
+            proc = self.processes.pop(name, None)
+            if proc is not None:
+                stop_group(proc, sig)
+
+    def kill(self) -> None:
+        """SIGKILL both process groups at once: a crash of the whole stack."""
+        for proc in self.processes.values():
+            if group_alive(proc.pid):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self.processes.values():
+            proc.wait(10)
+        self.processes.clear()
+
+    def log_text(self) -> str:
+        return "\n".join(
+            (self.home / f"{n}.log").read_text(errors="replace")
+            for n in ("daemon", "webserver")
+            if (self.home / f"{n}.log").exists()
+        )
+
+    # --- GraphQL ---------------------------------------------------------------------------
+
+    def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = requests.post(
+            f"http://127.0.0.1:{self.port}/graphql",
+            json={"query": query, "variables": variables or {}},
+            timeout=30,
+        )
+        response.raise_for_status()
+        body = response.json()
+        assert "errors" not in body, body
+        return dict(body["data"])
+
+    def submit(
+        self,
+        *,
+        partition: str | None = None,
+        op_config: dict[str, Any] | None = None,
+        resources: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        op_selection: list[str] | None = None,
+        per_op: dict[str, dict[str, Any]] | None = None,
+    ) -> str:
+        ops = op_selection or ["expire_sessions", "purge_declines", "remove_orphan_fingerprints"]
+        run_config: dict[str, Any] = {
+            "ops": {
+                op: {"config": {**(op_config or {}), **(per_op or {}).get(op, {})}} for op in ops
+            }
+        }
+        if resources:
+            run_config["resources"] = {
+                "app_db": {"config": {"url": {"env": "APP_DATABASE_URL"}, **resources}}
+            }
+        all_tags = dict(tags or {})
+        if partition:
+            all_tags["dagster/partition"] = partition
+        data = self.graphql(
+            """mutation($p: ExecutionParams!) { launchPipelineExecution(executionParams: $p) {
+                 __typename ... on LaunchRunSuccess { run { runId } }
+                 ... on PythonError { message } ... on RunConfigValidationInvalid {
+                 errors { message } } } }""",
+            {
+                "p": {
+                    "selector": {
+                        "repositoryLocationName": LOCATION,
+                        "repositoryName": "__repository__",
+                        "pipelineName": JOB,
+                        "solidSelection": op_selection,
+                    },
+                    "runConfigData": run_config,
+                    "executionMetadata": {
+                        "tags": [{"key": k, "value": v} for k, v in all_tags.items()]
+                    },
+                }
+            },
+        )
+        result = data["launchPipelineExecution"]
+        assert result["__typename"] == "LaunchRunSuccess", result
+        return str(result["run"]["runId"])
+
+    def status(self, run_id: str) -> str:
+        data = self.graphql(
+            "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", {"id": run_id}
+        )
+        return str(data["runOrError"]["status"])
+
+    def wait_status(self, run_id: str, statuses: set[str], timeout: float = 120) -> str:
+        return str(
+            wait_for(
+                f"run {run_id} to reach {statuses}",
+                lambda: (s := self.status(run_id)) in statuses and s,
+                timeout,
+                interval=0.1,
+            )
+        )
+
+    def terminate(self, run_id: str) -> None:
+        data = self.graphql(
+            """mutation($ids: [String!]!) { terminateRuns(runIds: $ids) {
+                 ... on TerminateRunsResult { terminateRunResults { __typename } } } }""",
+            {"ids": [run_id]},
+        )
+        results = data["terminateRuns"]["terminateRunResults"]
+        assert [r["__typename"] for r in results] == ["TerminateRunSuccess"], results
+
+    def runs(self) -> list[dict[str, Any]]:
+        data = self.graphql(
+            """{ runsOrError(filter: {pipelineName: "session_cleanup_job"}) { ... on Runs {
+                 results { runId status rootRunId parentRunId startTime endTime
+                           tags { key value } } } } }"""
+        )
+        return list(data["runsOrError"]["results"])
+
+
+@contextmanager
+def dagster_home(env: dict[str, str]) -> Iterator[Path]:
+    """A temporary DAGSTER_HOME holding the repo's dagster.yaml; removed afterwards."""
+    home = Path(tempfile.mkdtemp(prefix="session-cleanup-stack-"))
+    try:
+        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+        env["DAGSTER_HOME"] = str(home)
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def running_stack(env: dict[str, str], home: Path) -> Iterator[Stack]:
+    """Start daemon and webserver with ``env``; stop both (and check) on the way out."""
+    stack = Stack(home=home, env=env)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def instance(env: dict[str, str]) -> dg.DagsterInstance:
+    """The stack's instance, from the test process (to read runs and events)."""
+    os.environ["DAGSTER_PG_URL"] = env["DAGSTER_PG_URL"]
+    return dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
+
+
+class AlertServer:
+    """A local HTTP server that records every JSON body POSTed to it (the alert webhook)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        received: list[dict[str, Any]] = []
+        self.received = received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def texts(self) -> list[str]:
+        return [str(body.get("text", "")) for body in list(self.received)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def worker_pid(inst: dg.DagsterInstance, run_id: str) -> int:
+    """The run worker's pid, from the run's "Started process for run (pid: N)." event."""
+    import re
+
+    for entry in inst.all_logs(run_id):
+        match = re.search(r"Started process for run \(pid: (\d+)\)", entry.message or "")
+        if match:
+            return int(match.group(1))
+    raise AssertionError(f"no run worker pid logged for {run_id}")
