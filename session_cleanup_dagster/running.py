@@ -16,7 +16,7 @@ import dagster as dg
 import sqlalchemy as sa
 import sqlalchemy.exc
 
-from session_cleanup_dagster import errors, prerequisites, steps
+from session_cleanup_dagster import assets, errors, prerequisites, steps
 from session_cleanup_dagster.config import CleanupConfig
 from session_cleanup_dagster.cutoff import resolve_cutoff
 from session_cleanup_dagster.resources import AppDatabase
@@ -71,6 +71,7 @@ def run_step(
             before_batch=_before_batch(context),
             **step_kwargs,
         )
+        assets.report_step(context, engine, app_db.db_schema, result, source, **step_kwargs)
     except steps.SafetyCapExceeded as exc:
         raise dg.Failure(
             description=str(exc),
