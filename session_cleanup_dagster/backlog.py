@@ -44,24 +44,30 @@ class Count:
 
 def _target(
     step: str, cutoff: datetime, retention: timedelta, grace: timedelta, schema: str
-) -> tuple[sa.Table, Where, bool]:
-    """The table, the step's condition over it (or over a sample of it), and whether indexed."""
+) -> tuple[sa.Table, Where, Where | None]:
+    """The table, the step's condition over it, and the condition for a sample (if sampled)."""
     tables = t.reflect(schema)
     s = tables.sessions
     if step == "expire_sessions":
-        return s, lambda x: [x.c.ended_at.is_(None), x.c.expires_at < cutoff], True
+        return s, lambda x: [x.c.ended_at.is_(None), x.c.expires_at < cutoff], None
     if step == "purge_declines":
-        return tables.declines, lambda x: [x.c.created_at < cutoff - retention], False
+        due: Where = lambda x: [x.c.created_at < cutoff - retention]  # noqa: E731
+        return tables.declines, due, due
     if step == "remove_orphan_fingerprints":
-        return (
-            tables.fingerprints,
-            lambda x: [
+
+        def orphan(x: sa.FromClause, *, fenced: bool = False) -> list[sa.ColumnElement[bool]]:
+            session = sa.select(sa.literal(1)).where(s.c.id == x.c.session_id)
+            # OFFSET 0 keeps NOT EXISTS a per-row probe of the sessions primary key. Without
+            # it the planner may pick a hash anti-join that reads every session, so a small
+            # sample of fingerprints would still cost a pass over the sessions table.
+            probe = session.offset(0) if fenced else session
+            return [
                 x.c.session_id.is_not(None),
                 x.c.created_at < cutoff - grace,
-                ~sa.exists().where(s.c.id == x.c.session_id),
-            ],
-            False,
-        )
+                ~probe.exists(),
+            ]
+
+        return tables.fingerprints, orphan, lambda x: orphan(x, fenced=True)
     raise ValueError(f"unknown step {step!r}")
 
 
@@ -92,9 +98,10 @@ def probe(
     sample_pages: int = SAMPLE_PAGES,
 ) -> Count:
     """Count the rows ``step`` would change at ``cutoff``, with up to ``samples`` of their ids."""
-    table, where, indexed = _target(step, cutoff, retention, grace, schema)
+    table, where, sampled_where = _target(step, cutoff, retention, grace, schema)
+    indexed = sampled_where is None
     pages = 0 if indexed else _pages(conn, table)
-    if indexed or pages <= exact_max_pages:
+    if sampled_where is None or pages <= exact_max_pages:
         limited = sa.select(sa.literal(1)).select_from(table).where(*where(table)).limit(cap + 1)
         found = int(
             conn.execute(sa.select(sa.func.count()).select_from(limited.subquery())).scalar_one()
