@@ -53,6 +53,7 @@ def _cutoff(day: date) -> datetime:
 
 @pytest.fixture(scope="module")
 def app_url(admin_url: str) -> Iterator[str]:
+    """The stack's app database, seeded once for the module (replaces conftest's per test)."""
     with pg.scratch_database(admin_url) as url:
         engine = pg.engine(url)
         try:
@@ -223,13 +224,16 @@ def test_real_run_from_the_launchpad_adds_a_point_to_the_table_plots(
 def test_slo_checks_run_after_the_cleanup_and_show_on_the_asset(
     page: Page, stack: Stack, shots: Path
 ) -> None:
-    [cleanup] = [r for r in stack.runs("session_cleanup_job") if "dagster/backfill" not in str(r)]
-    checks: list[dict[str, Any]] = []
-    for run in stack.wait_for_runs("session_cleanup_checks_job", 3, timeout=240):
-        tags = {tag["key"]: tag["value"] for tag in run["tags"]}
-        if tags.get("session_cleanup/after_run") == cleanup["runId"]:
-            checks.append(run)
-    assert [run["status"] for run in checks] == ["SUCCESS"]
+    def tags(run: dict[str, Any]) -> dict[str, str]:
+        return {tag["key"]: tag["value"] for tag in run["tags"]}
+
+    cleanups = stack.runs("session_cleanup_job")
+    [launched] = [run for run in cleanups if "dagster/backfill" not in tags(run)]
+    # One checks run per finished cleanup run (two from the backfill, one from the launchpad).
+    checks = stack.wait_for_runs(CHECKS_JOB, len(cleanups), timeout=240)
+    after = {tags(run)["session_cleanup/after_run"]: run["status"] for run in checks}
+    assert after == {run["runId"]: "SUCCESS" for run in cleanups}
+    assert launched["runId"] in after
     page.goto(f"{SESSIONS_ASSET}?view=checks")
     expect(page.get_by_text("no_overdue_open_sessions").first).to_be_visible()
     expect(page.get_by_text("Passed").first).to_be_visible()
