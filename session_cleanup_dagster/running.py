@@ -21,7 +21,7 @@ import psycopg
 import sqlalchemy as sa
 import sqlalchemy.exc
 
-from session_cleanup_dagster import errors, locking, prerequisites, steps
+from session_cleanup_dagster import assets, errors, locking, prerequisites, steps
 from session_cleanup_dagster.config import CleanupConfig
 from session_cleanup_dagster.cutoff import resolve_cutoff
 from session_cleanup_dagster.resources import AppDatabase
@@ -79,6 +79,7 @@ def run_step(
             before_batch=_before_batch(context, lock),
             **step_kwargs,
         )
+        assets.report_step(context, engine, app_db.db_schema, result, source, **step_kwargs)
         # The last batch may have committed after a cancel (or a forced CANCELED) arrived:
         # end the op interrupted, so a canceled run never turns SUCCESS (dagster#34175).
         _stop_if_canceled(context, f"{name}: run is being canceled after its last batch")

@@ -1,0 +1,129 @@
+"""The app's three tables as external assets, and what every run records on them.
+
+The tables belong to the app, so Dagster does not materialize them; the cleanup changes them.
+A real run logs an ``AssetMaterialization`` per table (rows changed, backlog left, duration,
+cutoff), and Dagster's asset page plots every numeric entry over time. A dry run logs an
+``AssetObservation`` instead, with ``dry_run: true`` and its counts under ``would_change``
+and ``dry_run_duration_s``: it never adds a point to the ``rows_changed`` plot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import dagster as dg
+import sqlalchemy as sa
+
+from session_cleanup_dagster import backlog, steps
+from session_cleanup_dagster import tables as t
+
+GROUP = "app_database"
+OWNERS_ENV = "SESSION_CLEANUP_ASSET_OWNERS"
+DEFAULT_OWNERS = ("team:platform",)
+
+STEP_TABLES = {
+    "expire_sessions": t.SESSIONS,
+    "purge_declines": t.DECLINES,
+    "remove_orphan_fingerprints": t.FINGERPRINTS,
+}
+
+DESCRIPTIONS = {
+    t.SESSIONS: (
+        "The app's After Hours sessions. Cleanup: expire_sessions sets ended_at = expires_at on "
+        "every open session whose expires_at is before the cutoff."
+    ),
+    t.DECLINES: (
+        "Declines between users. Cleanup: purge_declines deletes those created before the "
+        "cutoff minus the retention (7 days)."
+    ),
+    t.FINGERPRINTS: (
+        "Device fingerprints. Cleanup: remove_orphan_fingerprints deletes those whose session "
+        "no longer exists, older than the cutoff minus the grace period (1 hour)."
+    ),
+}
+
+_TEAM = re.compile(r"^team:[A-Za-z0-9_-]+$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def asset_key(table: str) -> dg.AssetKey:
+    """``app_database/<table>``: the prefix keeps the keys apart from other code locations'."""
+    return dg.AssetKey([GROUP, table])
+
+
+def owners() -> list[str]:
+    """Owners from ``SESSION_CLEANUP_ASSET_OWNERS`` (comma-separated), else ``team:platform``.
+
+    Raises:
+        ValueError: an entry is neither an email address nor ``team:<name>``.
+    """
+    raw = os.environ.get(OWNERS_ENV, "")
+    found = [entry.strip() for entry in raw.split(",") if entry.strip()] or list(DEFAULT_OWNERS)
+    bad = [entry for entry in found if not (_TEAM.match(entry) or _EMAIL.match(entry))]
+    if bad:
+        raise ValueError(
+            f"{OWNERS_ENV} has {', '.join(map(repr, bad))}: each owner must be an email address "
+            "or team:<name>, separated by commas."
+        )
+    return found
+
+
+def table_specs() -> list[dg.AssetSpec]:
+    """The three tables as external assets (no connection is made)."""
+    return [
+        dg.AssetSpec(
+            key=asset_key(table),
+            group_name=GROUP,
+            description=DESCRIPTIONS[table],
+            owners=owners(),
+            kinds={"postgres"},
+            metadata={"table": table},
+        )
+        for table in STEP_TABLES.values()
+    ]
+
+
+def record_step(
+    context: dg.OpExecutionContext,
+    result: steps.StepResult,
+    left: backlog.Count,
+    source: str,
+) -> None:
+    """Log the step's event on its table: a materialization, or an observation if dry."""
+    key = asset_key(STEP_TABLES[result.step])
+    metadata: dict[str, Any] = {
+        "backlog_rows": left.rows,
+        "backlog_exact": left.exact,
+        "backlog_method": left.method,
+        "cutoff": dg.MetadataValue.timestamp(result.cutoff),
+        # Plots only draw int and float entries, so the cutoff also goes in as a number.
+        "cutoff_epoch_s": result.cutoff.timestamp(),
+        "cutoff_source": source,
+        "dry_run": result.dry_run,
+    }
+    if result.dry_run:
+        metadata["would_change"] = result.changed
+        metadata["dry_run_duration_s"] = round(result.duration_s, 3)
+        context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
+    else:
+        metadata["rows_changed"] = result.changed
+        metadata["batches"] = result.batches
+        metadata["duration_s"] = round(result.duration_s, 3)
+        context.log_event(dg.AssetMaterialization(asset_key=key, metadata=metadata))
+
+
+def report_step(
+    context: dg.OpExecutionContext,
+    engine: sa.Engine,
+    schema: str,
+    result: steps.StepResult,
+    source: str,
+    **step_kwargs: Any,
+) -> None:
+    """Count the backlog the step left (see backlog.py for its cost) and log the event."""
+    with engine.connect() as conn:
+        left = backlog.probe(conn, result.step, result.cutoff, schema=schema, **step_kwargs)
+    context.log.info("%s: backlog %d rows (%s)", result.step, left.rows, left.method)
+    record_step(context, result, left, source)

@@ -1,0 +1,215 @@
+"""The cleanup's SLO as asset checks on the three tables, and the job and sensors that run them.
+
+"The run was green" is not "the database is clean": each check asks the database itself.
+Thresholds and severity are run config (launchpad), with the SLO's values as defaults. The
+queries are ``backlog.probe`` with a cutoff one slack period before the database's ``now()``,
+so their cost is bounded the same way (see backlog.py): a LIMIT-bounded range of the partial
+index on open sessions; for declines and fingerprints, which have no ``created_at`` index, one
+pass over the heap up to 1 GiB and a page sample past that (the result then says it is an
+estimate). A failing check shows the offending count and a few sample ids.
+
+``session_cleanup_checks_job`` runs the three checks; it is launchable on its own, and the
+two run-status sensors launch it whenever ``session_cleanup_job`` finishes, succeeded or
+failed (a failed night is exactly when the SLO matters).
+"""
+
+from datetime import timedelta
+
+import dagster as dg
+import sqlalchemy.exc
+from pydantic import Field
+
+from session_cleanup_dagster import backlog, errors, steps
+from session_cleanup_dagster import tables as t
+from session_cleanup_dagster.assets import asset_key
+from session_cleanup_dagster.resources import AppDatabase
+
+CHECKS_JOB = "session_cleanup_checks_job"
+
+
+class SloCheckConfig(dg.Config):  # type: ignore[misc]
+    """What every SLO check takes."""
+
+    severity: str = Field(
+        default="ERROR", description="WARN or ERROR: how a failed check is shown (and alerts)."
+    )
+    allowed_rows: int = Field(
+        default=0, description="The check fails when more rows than this are overdue."
+    )
+    sample_size: int = Field(default=5, description="Offending ids shown (0 to 50).")
+    exact_max_pages: int = Field(
+        default=backlog.EXACT_MAX_PAGES,
+        description="Count exactly up to this many heap pages (8 KiB); sample larger tables.",
+    )
+    sample_pages: int = Field(
+        default=backlog.SAMPLE_PAGES, description="Pages read when sampling a larger table."
+    )
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.severity.upper() not in ("WARN", "ERROR"):
+            found.append(f"severity is {self.severity!r}; use WARN or ERROR.")
+        if self.allowed_rows < 0:
+            found.append(f"allowed_rows is {self.allowed_rows}; use 0 or more.")
+        if not 0 <= self.sample_size <= 50:
+            found.append(f"sample_size is {self.sample_size}; use 0 to 50.")
+        if self.exact_max_pages < 0 or self.sample_pages < 1:
+            found.append("exact_max_pages must be 0 or more and sample_pages 1 or more.")
+        return found
+
+
+class OpenSessionsCheckConfig(SloCheckConfig):  # type: ignore[misc]
+    """``no_overdue_open_sessions``."""
+
+    max_overdue_hours: float = Field(
+        default=24.0, description="An open session may be expired at most this long."
+    )
+
+
+class OldDeclinesCheckConfig(SloCheckConfig):  # type: ignore[misc]
+    """``no_declines_past_retention``."""
+
+    retention_days: int = Field(default=7, description="The cleanup's retention (purge_declines).")
+    slack_hours: float = Field(default=24.0, description="Allowed lateness past the retention.")
+
+
+class OrphanFingerprintsCheckConfig(SloCheckConfig):  # type: ignore[misc]
+    """``no_old_orphan_fingerprints``."""
+
+    grace_minutes: int = Field(default=60, description="The cleanup's grace period.")
+    slack_hours: float = Field(default=24.0, description="Allowed lateness past the grace.")
+
+
+def evaluate(
+    app_db: AppDatabase,
+    step: str,
+    config: SloCheckConfig,
+    *,
+    slack: timedelta,
+    what: str,
+    retention: timedelta = timedelta(days=7),
+    grace: timedelta = timedelta(hours=1),
+) -> dg.AssetCheckResult:
+    """Count the rows ``step`` should have handled more than ``slack`` ago; pass if few enough.
+
+    Raises:
+        dagster.Failure: bad config or a database error (no password in the message).
+    """
+    problems = config.problems()
+    if problems:
+        raise dg.Failure(description=f"invalid check config: {' '.join(problems)}")
+    try:
+        engine = app_db.get_engine()
+        now = steps.database_now(engine)
+        with engine.connect() as conn:
+            found = backlog.probe(
+                conn,
+                step,
+                now - slack,
+                retention=retention,
+                grace=grace,
+                schema=app_db.db_schema,
+                samples=config.sample_size,
+                exact_max_pages=config.exact_max_pages,
+                sample_pages=config.sample_pages,
+            )
+    except errors.ConfigError as exc:
+        raise dg.Failure(description=errors.redact(str(exc), [app_db.password()])) from None
+    except sqlalchemy.exc.DBAPIError as exc:
+        where = f"SLO check on {app_db.describe()}"
+        raise dg.Failure(
+            description=errors.explain(exc, where=where, secrets=[app_db.password()])
+        ) from None
+    passed = found.rows <= config.allowed_rows
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=dg.AssetCheckSeverity(config.severity.upper()),
+        description=(
+            f"{found.rows} {what} ({found.method}); allowed {config.allowed_rows}."
+            if not passed
+            else f"none beyond the allowed {config.allowed_rows} {what} ({found.method})."
+        ),
+        metadata={
+            "offending_rows": found.rows,
+            "allowed_rows": config.allowed_rows,
+            "exact": found.exact,
+            "method": found.method,
+            "sample_ids": ", ".join(found.sample_ids) or "(none)",
+            "checked_at": dg.MetadataValue.timestamp(now),
+        },
+    )
+
+
+@dg.asset_check(asset=asset_key(t.SESSIONS))
+def no_overdue_open_sessions(
+    config: OpenSessionsCheckConfig, app_db: AppDatabase
+) -> dg.AssetCheckResult:
+    """No open session expired more than max_overdue_hours (24) ago."""
+    return evaluate(
+        app_db,
+        "expire_sessions",
+        config,
+        slack=timedelta(hours=config.max_overdue_hours),
+        what="open sessions expired too long ago",
+    )
+
+
+@dg.asset_check(asset=asset_key(t.DECLINES))
+def no_declines_past_retention(
+    config: OldDeclinesCheckConfig, app_db: AppDatabase
+) -> dg.AssetCheckResult:
+    """No decline older than the retention (7 days) plus slack_hours (24)."""
+    return evaluate(
+        app_db,
+        "purge_declines",
+        config,
+        slack=timedelta(hours=config.slack_hours),
+        retention=timedelta(days=config.retention_days),
+        what="declines past retention",
+    )
+
+
+@dg.asset_check(asset=asset_key(t.FINGERPRINTS))
+def no_old_orphan_fingerprints(
+    config: OrphanFingerprintsCheckConfig, app_db: AppDatabase
+) -> dg.AssetCheckResult:
+    """No orphan fingerprint older than the grace (1 hour) plus slack_hours (24)."""
+    return evaluate(
+        app_db,
+        "remove_orphan_fingerprints",
+        config,
+        slack=timedelta(hours=config.slack_hours),
+        grace=timedelta(minutes=config.grace_minutes),
+        what="orphan fingerprints past the grace",
+    )
+
+
+CHECKS = [no_overdue_open_sessions, no_declines_past_retention, no_old_orphan_fingerprints]
+
+checks_job = dg.define_asset_job(
+    CHECKS_JOB,
+    selection=dg.AssetSelection.checks(*CHECKS),
+    description="The cleanup's SLO checks on the three tables; read-only, safe at any time.",
+)
+
+
+def build_sensors(cleanup_job: dg.JobDefinition) -> list[dg.SensorDefinition]:
+    """Sensors that launch the checks once ``cleanup_job`` has succeeded or failed."""
+    sensors: list[dg.SensorDefinition] = []
+    for status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE):
+
+        @dg.run_status_sensor(
+            name=f"session_cleanup_checks_after_{status.value.lower()}",
+            run_status=status,
+            monitored_jobs=[cleanup_job],
+            request_job=checks_job,
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            description=f"Runs the SLO checks after each {status.value.lower()} cleanup run.",
+        )
+        def after_cleanup(context: dg.RunStatusSensorContext) -> dg.RunRequest:
+            run_id = context.dagster_run.run_id
+            # run_key = the cleanup run: a sensor tick seen twice never checks it twice.
+            return dg.RunRequest(run_key=run_id, tags={"session_cleanup/after_run": run_id})
+
+        sensors.append(after_cleanup)
+    return sensors
