@@ -47,6 +47,9 @@ FIRST_BATCH = 1000
 # How long a plain window DELETE may wait for a row lock the app holds before that window is
 # redone with FOR UPDATE SKIP LOCKED (the app's own writes last a few milliseconds).
 FAST_LOCK_TIMEOUT_MS = 50
+# expire_sessions walks the heap instead of the partial index when the due rows number at
+# least one per this many pages of the table (then most pages hold a due row anyway).
+HEAP_WALK_PAGES_PER_ROW = 4
 
 
 class TID(sa.types.UserDefinedType[str]):
@@ -357,6 +360,36 @@ class _ExpireWalk:
 _UUIDS = pg.ARRAY(pg.UUID)
 
 
+class _ExpireChoice:
+    """Chooses, per run, the index walk or one pass over the heap, as the planner would.
+
+    Many due rows (a backlog) touch most pages of the table: one pass in physical order reads
+    each page once, where the index walk visits the same pages again and again in
+    ``expires_at`` order. A few due rows (a normal night) touch few pages: the partial index
+    finds them without reading the rest of the table.
+    """
+
+    def __init__(self, index: _ExpireWalk, heap: _HeapWalk) -> None:
+        self.index = index
+        self.heap = heap
+        self.chosen: _ExpireWalk | _HeapWalk = index
+
+    def start(self, conn: sa.Connection) -> None:
+        self.index.start(conn)
+        self.heap.start(conn)
+        due = self.index.total or 0
+        if due * HEAP_WALK_PAGES_PER_ROW >= self.heap.end_page:
+            self.chosen = self.heap
+
+    def run_batch(
+        self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
+    ) -> _Batch:
+        return self.chosen.run_batch(engine, cap, dry_run, want_samples, check)
+
+    def progress(self, progress: Progress) -> None:
+        self.chosen.progress(progress)
+
+
 def _target_s(options: StepOptions) -> float | None:
     return options.target_batch_ms / 1000 if options.target_batch_ms else None
 
@@ -388,7 +421,7 @@ def _sample_array(source: Any, want: int) -> sa.ScalarSelect[Any]:
 
 
 class _FastPathBlocked(Exception):
-    """The plain DELETE of a window cannot be used for it (locked rows, or too many rows)."""
+    """The one-statement path cannot take this window (the safety cap is near)."""
 
 
 class _HeapWalk:
@@ -416,21 +449,28 @@ class _HeapWalk:
         condition: Sequence[sa.ColumnElement[bool]],
         options: StepOptions,
         planner: Sequence[str] = (),
+        values: dict[str, Any] | None = None,
     ) -> None:
         self.table = table
+        # DELETE the matching rows, or (values given) UPDATE them; an UPDATE of non-key
+        # columns locks FOR NO KEY UPDATE, which the app's foreign-key checks do not conflict
+        # with.
+        self.values = values
         self.planner = [sa.text(f"SET LOCAL {name} = off") for name in planner]
         self.condition = list(condition)
         self.ctid = _ctid()
-        self.page = 0  # the next window starts here
+        # The walk has passed everything up to here (exclusive): (page, item), and item 0
+        # means "from the start of the page" (item numbers start at 1).
+        self.position: tuple[int, int] = (0, 0)
         self.end_page = 0
         self.rechecked_end = False
         self.density = 50.0  # rows per page until pg_class says otherwise
         self.matched_per_page = 0.0  # of the condition, as last seen
         self.target_s = _target_s(options)
         self.window = _Pace(1, MAX_WINDOW_PAGES, self.target_s)
+        self.rows = _Pace(FIRST_BATCH, options.batch_size, self.target_s)
         # The careful path inside one window: position within it, and its own batch size.
         self.careful_until: int | None = None
-        self.position: tuple[int, int] = (0, 0)
         self.careful = _Pace(FIRST_BATCH, options.batch_size, self.target_s)
 
     def _pages(self, conn: sa.Connection) -> int:
@@ -464,11 +504,11 @@ class _HeapWalk:
         first = self.ctid >= tid_lo if lo[1] == 0 else self.ctid > tid_lo
         return [first, self.ctid < tid_hi]
 
-    def _window_pages(self, cap: int) -> int:
+    def _window_pages(self, rows: int) -> int:
         pages = self.window.size
         if self.matched_per_page > 0:
-            # Keep the expected rows of a window well inside what a batch may change.
-            pages = min(pages, max(1, int(0.8 * cap / self.matched_per_page)))
+            # Aim the window at fewer matching rows than the batch may take.
+            pages = min(pages, max(1, int(0.8 * rows / self.matched_per_page)))
         return pages
 
     def run_batch(
@@ -476,59 +516,93 @@ class _HeapWalk:
     ) -> _Batch:
         if self.careful_until is not None:
             return self._careful_batch(engine, cap, want_samples, check)
-        pages = self._window_pages(cap)
-        hi = self.page + pages
-        where = [*self._bounds((self.page, 0), hi), *self.condition]
+        limit = min(cap, self.rows.size)
+        pages = self._window_pages(limit)
+        hi = self.position[0] + pages
+        where = [*self._bounds(self.position, hi), *self.condition]
         runner, elapsed = _timed(engine)
         try:
             with runner as conn:
                 self._plan(conn)
                 if dry_run:
+                    # Counting changes nothing, so a dry batch takes the whole window.
                     source: Any = sa.select(self.table.c.id).where(*where).cte("matched")
                     changed, samples = conn.execute(_count_and_sample(source, want_samples)).one()
+                    seen, last = 0, None
                 else:
-                    changed, samples = self._delete_window(conn, where, want_samples)
-                    if changed > cap:
-                        # More rows than one batch may change: undo, and size windows by the
-                        # density just seen (down to one page, then row by row).
-                        self.matched_per_page = changed / pages
-                        raise _FastPathBlocked(pages == 1)
+                    seen, changed, samples, last = self._change_window(
+                        conn, where, limit, want_samples
+                    )
                     try:
                         check(changed)
                     except SafetyCapExceeded:
                         # A part of this window may still fit under the cap: the careful
                         # path finds out row by row, and raises if not.
-                        raise _FastPathBlocked(True) from None
-        except _FastPathBlocked as blocked:
-            return self._fall_back(pages) if blocked.args[0] else _Batch(0, [], True)
+                        raise _FastPathBlocked from None
+        except _FastPathBlocked:
+            return self._fall_back(pages)
         except sa.exc.OperationalError as exc:
             if not _is_lock_conflict(exc):
                 raise
             return self._fall_back(pages)
-        self.window.observe(pages, elapsed())
-        self.matched_per_page = changed / pages
-        self.page = hi
-        return _Batch(int(changed), [str(i) for i in samples or []], self._more(engine))
+        seconds = elapsed()
+        self.rows.observe(seen, seconds)
+        full = seen >= limit and last is not None
+        if full:
+            # The window holds more: go on right after the last row taken (rows came in
+            # ctid order). A row the app moved meanwhile reports its new ctid; stay inside.
+            assert last is not None
+            at = _parse_tid(last)
+            self.position = at if self.position < at and at[0] < hi else (hi, 0)
+            self.matched_per_page = max(self.matched_per_page, seen / pages)
+            self.window.size = max(1, pages // 2)
+        else:
+            self.window.observe(pages, seconds)
+            self.matched_per_page = seen / pages
+            self.position = (hi, 0)
+        more = full or self._more(engine)
+        return _Batch(int(changed), [str(i) for i in samples or []], more)
+
+    def _write(self, where: Sequence[sa.ColumnElement[bool]]) -> sa.Delete | sa.Update:
+        if self.values is None:
+            return sa.delete(self.table).where(*where)
+        return sa.update(self.table).where(*where).values(self.values)
+
+    def _change_window(
+        self,
+        conn: sa.Connection,
+        where: list[sa.ColumnElement[bool]],
+        limit: int,
+        want_samples: int,
+    ) -> tuple[int, int, list[Any], str | None]:
+        """Change the window's first ``limit`` matching rows in ctid order.
+
+        Returns how many matched, how many changed, sample ids, and the last ctid taken.
+        """
+        conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
+        picked = sa.select(self.ctid).where(*where).order_by(self.ctid).limit(limit).cte("picked")
+        changed = (
+            self._write([_ctid_in(sa.select(picked.c.ctid)), *self.condition])
+            .returning(self.table.c.id)
+            .cte("changed")
+        )
+        row = conn.execute(
+            sa.select(
+                sa.select(sa.func.count()).select_from(picked).scalar_subquery(),
+                sa.select(sa.func.count()).select_from(changed).scalar_subquery(),
+                _sample_array(changed, want_samples),
+                sa.select(sa.func.max(picked.c.ctid)).scalar_subquery(),
+            )
+        ).one()
+        return int(row[0]), int(row[1]), list(row[2] or []), row[3]
 
     def _plan(self, conn: sa.Connection) -> None:
         for statement in self.planner:
             conn.execute(statement)
 
-    def _delete_window(
-        self, conn: sa.Connection, where: list[sa.ColumnElement[bool]], want_samples: int
-    ) -> tuple[int, list[Any]]:
-        conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
-        if want_samples <= 0:
-            # The plain statement: nothing kept for RETURNING once the samples are in.
-            return conn.execute(sa.delete(self.table).where(*where)).rowcount, []
-        gone = sa.delete(self.table).where(*where).returning(self.table.c.id).cte("gone")
-        changed, samples = conn.execute(_count_and_sample(gone, want_samples)).one()
-        return int(changed), list(samples or [])
-
     def _fall_back(self, pages: int) -> _Batch:
         """Walk this window the careful way (or a smaller window, if it was just too full)."""
-        self.careful_until = self.page + pages
-        self.position = (self.page, 0)
+        self.careful_until = self.position[0] + pages
         return _Batch(0, [], True)
 
     def _careful_batch(
@@ -541,7 +615,7 @@ class _HeapWalk:
             .where(*self._bounds(self.position, self.careful_until), *self.condition)
             .order_by(self.ctid)
             .limit(limit)
-            .with_for_update(skip_locked=True, of=self.table)
+            .with_for_update(skip_locked=True, of=self.table, key_share=self.values is not None)
         )
         runner, elapsed = _timed(engine)
         with runner as conn:
@@ -550,14 +624,8 @@ class _HeapWalk:
             ids = [row.id for row in rows]
             changed = 0
             if ids:
-                changed = conn.execute(
-                    sa.delete(self.table)
-                    .where(
-                        self.table.c.id
-                        == sa.any_(sa.bindparam("ids", ids, type_=pg.ARRAY(pg.UUID)))
-                    )
-                    .where(*self.condition)
-                ).rowcount
+                by_id = self.table.c.id == sa.any_(sa.bindparam("ids", ids, type_=_UUIDS))
+                changed = conn.execute(self._write([by_id, *self.condition])).rowcount
                 check(changed)
         self.careful.observe(len(rows), elapsed())
         samples = [str(i) for i in ids[: max(0, want_samples)]]
@@ -568,12 +636,12 @@ class _HeapWalk:
             if (page, item) > self.position and page < self.careful_until:
                 self.position = (page, item)
                 return _Batch(changed, samples, True)
-        self.page = self.careful_until
+        self.position = (self.careful_until, 0)
         self.careful_until = None
         return _Batch(changed, samples, self._more(engine))
 
     def _more(self, engine: sa.Engine) -> bool:
-        if self.page < self.end_page:
+        if self.position[0] < self.end_page:
             return True
         # Rows the app rewrote during the walk may now sit past the old end: walk on once.
         if self.rechecked_end:
@@ -588,7 +656,7 @@ class _HeapWalk:
 
     def progress(self, progress: Progress) -> None:
         progress.unit = "pages"
-        progress.done_units = min(self.page, self.end_page)
+        progress.done_units = min(self.position[0], self.end_page)
         progress.total_units = self.end_page
 
 
@@ -614,14 +682,11 @@ def expire_sessions(
 ) -> StepResult:
     """Set ``ended_at = expires_at`` on every open session with ``expires_at < cutoff``."""
     tables = t.reflect(schema)
-    return _walk(
-        engine,
-        "expire_sessions",
-        _ExpireWalk(tables, cutoff, options),
-        cutoff,
-        options,
-        before_batch,
-    )
+    s = tables.sessions
+    due = [s.c.ended_at.is_(None), s.c.expires_at < cutoff]
+    heap = _HeapWalk(s, due, options, values={"ended_at": s.c.expires_at})
+    walk = _ExpireChoice(_ExpireWalk(tables, cutoff, options), heap)
+    return _walk(engine, "expire_sessions", walk, cutoff, options, before_batch)
 
 
 def purge_declines(
