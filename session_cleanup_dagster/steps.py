@@ -50,6 +50,9 @@ FAST_LOCK_TIMEOUT_MS = 50
 # expire_sessions walks the heap instead of the partial index when the due rows number at
 # least one per this many pages of the table (then most pages hold a due row anyway).
 HEAP_WALK_PAGES_PER_ROW = 4
+# A plain (unbounded) window statement aims at this share of a batch's rows, so a window
+# denser than the last one rarely overflows (and is rolled back when it does).
+PLAIN_SHARE = 0.6
 
 
 class TID(sa.types.UserDefinedType[str]):
@@ -420,6 +423,10 @@ def _sample_array(source: Any, want: int) -> sa.ScalarSelect[Any]:
 # --- purge_declines and remove_orphan_fingerprints: one pass over the heap by ctid ----------
 
 
+class _Overflow(Exception):
+    """A plain window statement changed more rows than a batch may: it is rolled back."""
+
+
 class _FastPathBlocked(Exception):
     """The one-statement path cannot take this window (the safety cap is near)."""
 
@@ -469,6 +476,7 @@ class _HeapWalk:
         self.target_s = _target_s(options)
         self.window = _Pace(1, MAX_WINDOW_PAGES, self.target_s)
         self.rows = _Pace(FIRST_BATCH, options.batch_size, self.target_s)
+        self.settled = False
         # The careful path inside one window: position within it, and its own batch size.
         self.careful_until: int | None = None
         self.careful = _Pace(FIRST_BATCH, options.batch_size, self.target_s)
@@ -504,11 +512,11 @@ class _HeapWalk:
         first = self.ctid >= tid_lo if lo[1] == 0 else self.ctid > tid_lo
         return [first, self.ctid < tid_hi]
 
-    def _window_pages(self, rows: int) -> int:
+    def _window_pages(self, rows: int, share: float) -> int:
         pages = self.window.size
         if self.matched_per_page > 0:
             # Aim the window at fewer matching rows than the batch may take.
-            pages = min(pages, max(1, int(0.8 * rows / self.matched_per_page)))
+            pages = min(pages, max(1, int(share * rows / self.matched_per_page)))
         return pages
 
     def run_batch(
@@ -517,7 +525,12 @@ class _HeapWalk:
         if self.careful_until is not None:
             return self._careful_batch(engine, cap, want_samples, check)
         limit = min(cap, self.rows.size)
-        pages = self._window_pages(limit)
+        # Where the last window showed how densely rows match, the window is sized to hold
+        # well under a batch and changed by the plainest statement. Elsewhere (the start,
+        # sparse stretches, right after an overflow) a LIMIT bounds the batch.
+        plain = not dry_run and want_samples <= 0 and self.matched_per_page > 0 and self.settled
+        self.settled = False
+        pages = self._window_pages(limit, PLAIN_SHARE if plain else 0.8)
         hi = self.position[0] + pages
         where = [*self._bounds(self.position, hi), *self.condition]
         runner, elapsed = _timed(engine)
@@ -529,6 +542,14 @@ class _HeapWalk:
                     source: Any = sa.select(self.table.c.id).where(*where).cte("matched")
                     changed, samples = conn.execute(_count_and_sample(source, want_samples)).one()
                     seen, last = 0, None
+                elif plain:
+                    conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
+                    changed = conn.execute(self._write(where)).rowcount
+                    seen, samples, last = changed, [], None
+                    if changed > limit:
+                        # Denser than the last window: undo, and bound the next batch.
+                        self.matched_per_page = changed / pages
+                        raise _Overflow
                 else:
                     seen, changed, samples, last = self._change_window(
                         conn, where, limit, want_samples
@@ -539,6 +560,8 @@ class _HeapWalk:
                         # A part of this window may still fit under the cap: the careful
                         # path finds out row by row, and raises if not.
                         raise _FastPathBlocked from None
+        except _Overflow:
+            return _Batch(0, [], True)
         except _FastPathBlocked:
             return self._fall_back(pages)
         except sa.exc.OperationalError as exc:
@@ -553,13 +576,17 @@ class _HeapWalk:
             # ctid order). A row the app moved meanwhile reports its new ctid; stay inside.
             assert last is not None
             at = _parse_tid(last)
+            # The rows came from the pages up to the last one taken, not the whole window.
+            covered = max(1, at[0] - self.position[0] + 1)
+            self.matched_per_page = max(self.matched_per_page, seen / covered)
             self.position = at if self.position < at and at[0] < hi else (hi, 0)
-            self.matched_per_page = max(self.matched_per_page, seen / pages)
             self.window.size = max(1, pages // 2)
         else:
             self.window.observe(pages, seconds)
             self.matched_per_page = seen / pages
             self.position = (hi, 0)
+            # A whole window taken: its density is a fair guide to the next window's.
+            self.settled = seen > 0
         more = full or self._more(engine)
         return _Batch(int(changed), [str(i) for i in samples or []], more)
 
