@@ -29,7 +29,8 @@ INSERT INTO after_hours_declines (id, session_id, user_id, declined_user_id, cre
                                   decline_count, first_declined_at, last_session_id)
 SELECT gen_random_uuid(), s.id, CAST(%(u)s AS varchar), CAST(%(d)s AS varchar), now(), 1,
        now(), s.id
-FROM after_hours_sessions s WHERE s.user_id = CAST(%(u)s AS varchar) ORDER BY s.started_at DESC LIMIT 1
+FROM after_hours_sessions s WHERE s.user_id = CAST(%(u)s AS varchar)
+ORDER BY s.started_at DESC LIMIT 1
 ON CONFLICT (user_id, declined_user_id) DO UPDATE
 SET decline_count = after_hours_declines.decline_count + 1,
     last_session_id = EXCLUDED.last_session_id
