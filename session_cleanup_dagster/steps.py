@@ -554,6 +554,7 @@ class _HeapWalk:
                     seen, changed, samples, last = self._change_window(
                         conn, where, limit, want_samples
                     )
+                if not dry_run:
                     try:
                         check(changed)
                     except SafetyCapExceeded:
