@@ -24,16 +24,19 @@ REPO = Path(__file__).resolve().parent.parent
 def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path: Path) -> None:
     env = {**os.environ, "SESSION_CLEANUP_BENCH_ADMIN_URL": admin_url}
     args = ["--scales", "XS", "--idle-s", "2", "--overhead-runs", "1", "--no-multiprocess"]
-    proc = subprocess.run(
+    with subprocess.Popen(
         [sys.executable, "-m", "benchmarks", *args, "--no-plots", "--out", str(tmp_path)],
         cwd=REPO,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
     results = json.loads((tmp_path / "XS.json").read_text())
     runs = results["scales"]["XS"]["runs"]
     assert {run["approach"] for run in runs} == {"old", "limit", "job", "steps"}
