@@ -51,12 +51,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--no-multiprocess", action="store_true", help="skip the multiprocess-executor figure"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        help="rewrite the Markdown and plots from this results JSON; run nothing",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.report_only is not None:
+        results = json.loads(args.report_only.read_text())
+        stem = args.report_only.stem
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.md").write_text(
+            report.markdown(results, results["summary"], results["targets"])
+        )
+        report.plots(results["summary"], results, args.out, stem)
+        return 0
     scales = [(s.strip().upper(), parse_scale(s)) for s in args.scales.split(",") if s.strip()]
     approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
     unknown = set(approaches) - set(APPROACHES)

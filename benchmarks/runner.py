@@ -40,13 +40,15 @@ class Options:
 
 
 class XactSampler:
-    """Samples pg_stat_activity for the cleanup's open transactions in one database."""
+    """Samples pg_stat_activity: the cleanup's open transactions, the app's lock waits."""
 
     def __init__(self, admin_url: str, database: str, every_s: float) -> None:
         self.admin_url = admin_url
         self.database = database
         self.every_s = every_s
         self.longest = 0.0
+        # (pid, query_start) of an app write seen waiting on a lock -> longest wait seen.
+        self.lock_waits: dict[tuple[int, str], float] = {}
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -56,12 +58,30 @@ class XactSampler:
             " FROM pg_stat_activity WHERE datname = %s AND application_name = %s"
             " AND xact_start IS NOT NULL"
         )
+        waits = (
+            "SELECT pid, query_start::text,"
+            " extract(epoch FROM clock_timestamp() - query_start)"
+            " FROM pg_stat_activity WHERE datname = %s AND application_name = %s"
+            " AND wait_event_type = 'Lock'"
+        )
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             while not self.stop_event.is_set():
                 row = conn.execute(sql, (self.database, APP_NAME)).fetchone()
                 if row is not None:
                     self.longest = max(self.longest, float(row[0]))
+                for pid, started, seconds in conn.execute(
+                    waits, (self.database, app_load.APP_NAME)
+                ):
+                    key = (int(pid), str(started))
+                    self.lock_waits[key] = max(self.lock_waits.get(key, 0.0), float(seconds))
                 self.stop_event.wait(self.every_s)
+
+    def lock_wait_summary(self) -> dict[str, Any]:
+        return {
+            "lock_waits_seen": len(self.lock_waits),
+            "lock_waits_over_1s": sum(1 for s in self.lock_waits.values() if s > 1.0),
+            "longest_lock_wait_s": max(self.lock_waits.values(), default=0.0),
+        }
 
     def __enter__(self) -> XactSampler:
         self.thread.start()
@@ -125,6 +145,7 @@ def measure(
                 samples = load.stop()
         app = app_load.summarize(samples, since)
         app["series"] = _bins(app["series"])
+        app.update(sampler.lock_wait_summary())
         unfinished = [s for s in STEPS if not child.get(s, {}).get("done", False)]
         check = databases.verify(url, CUTOFF, before, app_writes=app["ops"], unfinished=unfinished)
         result: dict[str, Any] = {
