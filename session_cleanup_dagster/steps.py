@@ -1,24 +1,27 @@
 """The three cleanup steps as plain functions over a SQLAlchemy engine. No Dagster here.
 
-Each step walks its table once, in batches, and each batch is its own short transaction:
+Each step walks its table once, in batches, and each batch is its own short transaction
+that changes only rows matching the step's condition, re-checked by the writing statement
+on the row itself. Rows the app holds locked are skipped (``SKIP LOCKED``) and left for the
+next run; a batch never waits on the app for more than ``FAST_LOCK_TIMEOUT_MS``.
 
-1. lock the next batch of matching rows with ``FOR UPDATE SKIP LOCKED`` (rows the app holds
-   locked are skipped and left for the next run; we never wait on the app);
-2. change exactly those rows, re-checking the condition in the writing statement (a fresh
-   snapshot under READ COMMITTED, so a session that committed in between is seen);
-3. commit.
+Batches are sized by time (``StepOptions.target_batch_ms``, at most ``batch_size`` rows):
+a fixed small batch pays a round trip per few hundred rows, a fixed large one holds locks
+too long. Only one batch of ids (usually none) is ever in the client. The walk never
+rescans what it has passed, so the total work is linear in the table size even where no
+index serves the condition:
 
-Only one batch of ids is ever in the client. The walk never rescans what it has passed, so
-the total work is linear in the table size even where no index serves the condition:
-
-- ``expire_sessions`` walks the partial index on open sessions, keyset on (expires_at, id);
 - ``purge_declines`` and ``remove_orphan_fingerprints`` walk the heap in physical order by
-  ranges of ``ctid`` (a TID range scan, PostgreSQL 14+). The app has no index on
+  windows of ``ctid`` pages (TID range scans, PostgreSQL 14+). The app has no index on
   ``after_hours_declines.created_at``, so ``WHERE created_at < x LIMIT n`` re-run per batch
-  would rescan the already-cleaned prefix every time: quadratic.
+  would rescan the already-cleaned prefix every time: quadratic. See ``_HeapWalk``.
+- ``expire_sessions`` walks the partial index on open sessions, keyset on (expires_at, id),
+  when few sessions are due, and the heap like the others when many are (``_ExpireChoice``).
 
-A dry run walks the same batches without locking or writing, so its counts equal a real
-run's on the same data.
+The numbers behind these choices are in the README ("Performance") and benchmarks/.
+
+A dry run walks the same way without locking or writing, so its counts equal a real run's
+on the same data.
 """
 
 from __future__ import annotations
