@@ -506,7 +506,8 @@ class _HeapWalk:
         if row.relpages and row.reltuples and row.reltuples > 0:
             self.density = max(1.0, float(row.reltuples) / float(row.relpages))
         # The first window holds about one first batch of rows, whatever matches.
-        self.window.size = max(1, min(MAX_WINDOW_PAGES, math.ceil(FIRST_BATCH / self.density)))
+        first = FIRST_BATCH if self.target_s else self.rows.most
+        self.window.size = max(1, min(MAX_WINDOW_PAGES, math.ceil(first / self.density)))
 
     def _bounds(self, lo: tuple[int, int], hi_page: int) -> list[sa.ColumnElement[bool]]:
         tid_lo = sa.cast(sa.bindparam("lo", f"({lo[0]},{lo[1]})", type_=sa.String), TID())
