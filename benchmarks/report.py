@@ -158,7 +158,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], goals: list[dict[
             f"### Scale {scale} ({data['users']:,} users)",
             "",
             "| approach | " + " | ".join(STEPS) + " | longest transaction | client peak RSS "
-            "| app p50 / p99 / max (ms) | app waits > 1 s | end state |",
+            "| app p50 / p99 / max (ms) | app writes > 1 s | end state |",
             "|---|" + "---|" * (len(STEPS) + 5),
         ]
         for approach, a in data["approaches"].items():
