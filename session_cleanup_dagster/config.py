@@ -54,8 +54,18 @@ class CleanupConfig(dg.Config):  # type: ignore[misc]
         description="Count what would change and show sample ids; change nothing.",
     )
     batch_size: int = Field(
-        default=1000,
-        description=f"Rows per batch (1 to {MAX_BATCH_SIZE}); each batch is one transaction.",
+        default=50_000,
+        description=(
+            f"Most rows per batch (1 to {MAX_BATCH_SIZE}); each batch is one transaction. "
+            "Below this, batches are sized by target_batch_ms."
+        ),
+    )
+    target_batch_ms: int = Field(
+        default=100,
+        description=(
+            "Size batches so each takes about this long (10 to 10000 ms); 0: fixed batches of "
+            "batch_size rows."
+        ),
     )
     max_rows: int | None = Field(
         default=None,
@@ -74,6 +84,11 @@ class CleanupConfig(dg.Config):  # type: ignore[misc]
                 found.append(str(exc))
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             found.append(f"batch_size is {self.batch_size}; use 1 to {MAX_BATCH_SIZE}.")
+        if self.target_batch_ms != 0 and not 10 <= self.target_batch_ms <= 10_000:
+            found.append(
+                f"target_batch_ms is {self.target_batch_ms}; use 10 to 10000, or 0 for fixed "
+                "batches of batch_size rows."
+            )
         if self.max_rows is not None and self.max_rows < 1:
             found.append(
                 f"max_rows is {self.max_rows}; use a positive number, or leave it empty for no cap."
@@ -88,7 +103,12 @@ class CleanupConfig(dg.Config):  # type: ignore[misc]
 
     def step_options(self) -> StepOptions:
         """The settings the SQL functions take."""
-        return StepOptions(batch_size=self.batch_size, dry_run=self.dry_run, max_rows=self.max_rows)
+        return StepOptions(
+            batch_size=self.batch_size,
+            dry_run=self.dry_run,
+            max_rows=self.max_rows,
+            target_batch_ms=self.target_batch_ms or None,
+        )
 
 
 class ExpireSessionsConfig(CleanupConfig):  # type: ignore[misc]

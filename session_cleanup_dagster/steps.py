@@ -1,24 +1,27 @@
 """The three cleanup steps as plain functions over a SQLAlchemy engine. No Dagster here.
 
-Each step walks its table once, in batches, and each batch is its own short transaction:
+Each step walks its table once, in batches, and each batch is its own short transaction
+that changes only rows matching the step's condition, re-checked by the writing statement
+on the row itself. Rows the app holds locked are skipped (``SKIP LOCKED``) and left for the
+next run; a batch never waits on the app for more than ``FAST_LOCK_TIMEOUT_MS``.
 
-1. lock the next batch of matching rows with ``FOR UPDATE SKIP LOCKED`` (rows the app holds
-   locked are skipped and left for the next run; we never wait on the app);
-2. change exactly those rows, re-checking the condition in the writing statement (a fresh
-   snapshot under READ COMMITTED, so a session that committed in between is seen);
-3. commit.
+Batches are sized by time (``StepOptions.target_batch_ms``, at most ``batch_size`` rows):
+a fixed small batch pays a round trip per few hundred rows, a fixed large one holds locks
+too long. Only one batch of ids (usually none) is ever in the client. The walk never
+rescans what it has passed, so the total work is linear in the table size even where no
+index serves the condition:
 
-Only one batch of ids is ever in the client. The walk never rescans what it has passed, so
-the total work is linear in the table size even where no index serves the condition:
-
-- ``expire_sessions`` walks the partial index on open sessions, keyset on (expires_at, id);
 - ``purge_declines`` and ``remove_orphan_fingerprints`` walk the heap in physical order by
-  ranges of ``ctid`` (a TID range scan, PostgreSQL 14+). The app has no index on
+  windows of ``ctid`` pages (TID range scans, PostgreSQL 14+). The app has no index on
   ``after_hours_declines.created_at``, so ``WHERE created_at < x LIMIT n`` re-run per batch
-  would rescan the already-cleaned prefix every time: quadratic.
+  would rescan the already-cleaned prefix every time: quadratic. See ``_HeapWalk``.
+- ``expire_sessions`` walks the partial index on open sessions, keyset on (expires_at, id),
+  when few sessions are due, and the heap like the others when many are (``_ExpireChoice``).
 
-A dry run walks the same batches without locking or writing, so its counts equal a real
-run's on the same data.
+The numbers behind these choices are in the README ("Performance") and benchmarks/.
+
+A dry run walks the same way without locking or writing, so its counts equal a real run's
+on the same data.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+import psycopg.errors
 import sqlalchemy as sa
+import sqlalchemy.exc
 from sqlalchemy.dialects import postgresql as pg
 
 from session_cleanup_dagster import tables as t
@@ -40,6 +45,17 @@ from session_cleanup_dagster import tables as t
 # few matching rows still reads a bounded amount of data in its transaction.
 MAX_WINDOW_PAGES = 8192
 SAMPLE_SIZE = 5
+# Every walk starts with batches of about this many rows and grows them by time from there.
+FIRST_BATCH = 1000
+# How long a plain window DELETE may wait for a row lock the app holds before that window is
+# redone with FOR UPDATE SKIP LOCKED (the app's own writes last a few milliseconds).
+FAST_LOCK_TIMEOUT_MS = 50
+# expire_sessions walks the heap instead of the partial index when the due rows number at
+# least one per this many pages of the table (then most pages hold a due row anyway).
+HEAP_WALK_PAGES_PER_ROW = 4
+# A plain (unbounded) window statement aims at this share of a batch's rows, so a window
+# denser than the last one rarely overflows (and is rolled back when it does).
+PLAIN_SHARE = 0.6
 
 
 class TID(sa.types.UserDefinedType[str]):
@@ -55,9 +71,12 @@ class TID(sa.types.UserDefinedType[str]):
 class StepOptions:
     """How a step works; the cutoff itself is an argument of each step."""
 
-    batch_size: int = 1000
+    # The most rows one batch (one transaction) may change. Below that, batches are sized
+    # so each takes about target_batch_ms; None or 0 means fixed batches of batch_size.
+    batch_size: int = 50_000
     dry_run: bool = False
     max_rows: int | None = None
+    target_batch_ms: int | None = 100
 
 
 @dataclass
@@ -114,24 +133,57 @@ class SafetyCapExceeded(Exception):
         )
 
 
+@dataclass
+class _Batch:
+    """What one batch did: rows changed (or, dry, matched), a few of their ids, more to do."""
+
+    changed: int
+    samples: list[str]
+    more: bool
+
+
+CapCheck = Callable[[int], None]
+
+
 class _Walk(Protocol):
     """One step's way through its table."""
 
     def start(self, conn: sa.Connection) -> None: ...
 
-    def select_batch(self, conn: sa.Connection, limit: int, lock: bool) -> Sequence[sa.Row[Any]]:
-        """The next rows that match, at most ``limit``; the first column is the id."""
-        ...
-
-    def apply(self, conn: sa.Connection, ids: list[Any]) -> int:
-        """Change these rows where they still match; returns how many changed."""
-        ...
-
-    def advance(self, rows: Sequence[sa.Row[Any]], limit: int) -> bool:
-        """Move past ``rows``; return False when the walk is over."""
+    def run_batch(
+        self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
+    ) -> _Batch:
+        """Run one batch, changing at most ``cap`` rows; ``check(changed)`` runs before commit."""
         ...
 
     def progress(self, progress: Progress) -> None: ...
+
+
+class _Pace:
+    """Sizes batches so that each takes about ``target_s`` (when set), between 1 and ``most``.
+
+    The next size follows the rate the last batch achieved, but at most doubles or halves at
+    a time, so one odd batch (a checkpoint, a busy neighbour) cannot swing it far.
+    """
+
+    def __init__(self, first: int, most: int, target_s: float | None) -> None:
+        self.most = max(1, most)
+        self.size = max(1, min(first, self.most)) if target_s else self.most
+        self.target_s = target_s
+
+    def observe(self, units: int, seconds: float) -> None:
+        if not self.target_s or units <= 0:
+            return
+        ideal = units / max(seconds, 1e-4) * self.target_s
+        self.size = int(max(1, min(self.most, self.size * 2, max(self.size / 2, ideal))))
+
+
+def _timed(
+    engine: sa.Engine,
+) -> tuple[AbstractContextManager[sa.Connection], Callable[[], float]]:
+    """A batch transaction and a clock started now (used to pace the next batch)."""
+    started = time.monotonic()
+    return batch_transaction(engine), lambda: time.monotonic() - started
 
 
 @contextmanager
@@ -184,29 +236,27 @@ def _walk(
     with engine.connect() as conn:
         walk.start(conn)
         conn.rollback()
+
+    def check(changed: int) -> None:
+        # Runs inside the batch's transaction, before its commit: a batch that would pass
+        # the cap is rolled back whole, so no committed work ever exceeds max_rows.
+        if options.max_rows is not None and progress.changed + changed > options.max_rows:
+            raise SafetyCapExceeded(name, progress.changed, changed, options.max_rows)
+
     while True:
         walk.progress(progress)
         if before_batch is not None:
             before_batch(progress)
-        limit = options.batch_size
+        cap = options.batch_size
         if options.max_rows is not None and not options.dry_run:
-            # Ask for one row more than the cap allows, so "would pass the cap" is visible.
-            limit = min(limit, options.max_rows - progress.changed + 1)
-        with batch_transaction(engine) as conn:
-            rows = walk.select_batch(conn, limit, lock=not options.dry_run)
-            ids = [row[0] for row in rows]
-            changed = len(ids) if options.dry_run else (walk.apply(conn, ids) if ids else 0)
-            if (
-                options.max_rows is not None
-                and not options.dry_run
-                and progress.changed + changed > options.max_rows
-            ):
-                raise SafetyCapExceeded(name, progress.changed, changed, options.max_rows)
-        if ids:
+            # One row more than the cap allows, so "would pass the cap" is visible.
+            cap = min(cap, options.max_rows - progress.changed + 1)
+        batch = walk.run_batch(engine, cap, options.dry_run, SAMPLE_SIZE - len(samples), check)
+        if batch.changed:
             progress.batches += 1
-            progress.changed += changed
-            samples.extend(str(i) for i in ids[: SAMPLE_SIZE - len(samples)])
-        if not walk.advance(rows, limit):
+            progress.changed += batch.changed
+            samples.extend(batch.samples[: SAMPLE_SIZE - len(samples)])
+        if not batch.more:
             break
     walk.progress(progress)
     return StepResult(
@@ -224,12 +274,24 @@ def _walk(
 
 
 class _ExpireWalk:
-    def __init__(self, tables: t.Tables, cutoff: datetime) -> None:
+    """Keyset on (expires_at, id) over the partial index; one statement per batch.
+
+    Each batch is one round trip: a CTE locks the next rows ``FOR NO KEY UPDATE SKIP LOCKED``
+    and the UPDATE in the same statement changes them by ``ctid`` (a TID scan, no second
+    index lookup; a row we hold locked cannot move). The UPDATE re-checks the condition on
+    the row itself. One statement is enough here because the condition reads only the row's
+    own columns: a row the app changed after our snapshot is either skipped by the lock or
+    re-checked on its newest version, and a version our snapshot cannot see is not updated
+    (it stays for the next run). Nothing but counts and one key comes back to the client.
+    """
+
+    def __init__(self, tables: t.Tables, cutoff: datetime, options: StepOptions) -> None:
         self.s = tables.sessions
         self.cutoff = cutoff
         self.key: tuple[datetime, Any] | None = None
         self.total: int | None = None
         self.seen = 0
+        self.pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
 
     def _due(self) -> list[sa.ColumnElement[bool]]:
         return [self.s.c.ended_at.is_(None), self.s.c.expires_at < self.cutoff]
@@ -240,9 +302,9 @@ class _ExpireWalk:
             sa.select(sa.func.count()).select_from(self.s).where(*self._due())
         ).scalar_one()
 
-    def select_batch(self, conn: sa.Connection, limit: int, lock: bool) -> Sequence[sa.Row[Any]]:
+    def _next(self, limit: int, lock: bool) -> sa.CTE:
         s = self.s
-        query = sa.select(s.c.id, s.c.expires_at).where(*self._due())
+        query = sa.select(s.c.id, s.c.expires_at, _ctid()).where(*self._due())
         if self.key is not None:
             last_expires, last_id = self.key
             # Written so the planner can use the index on expires_at for the range start.
@@ -255,24 +317,45 @@ class _ExpireWalk:
             # NO KEY UPDATE: ended_at is not a key column, so the app's foreign-key checks
             # (KEY SHARE, from inserting declines) neither block us nor get blocked by us.
             query = query.with_for_update(skip_locked=True, key_share=True)
-        return conn.execute(query).all()
+        return query.cte("picked")
 
-    def apply(self, conn: sa.Connection, ids: list[Any]) -> int:
+    def run_batch(
+        self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
+    ) -> _Batch:
         s = self.s
-        result = conn.execute(
-            sa.update(s)
-            .where(s.c.id == sa.any_(sa.bindparam("ids", ids, type_=pg.ARRAY(pg.UUID))))
-            .where(*self._due())
-            .values(ended_at=s.c.expires_at)
+        limit = min(self.pace.size, cap)
+        picked = self._next(limit, lock=not dry_run)
+        last = sa.select(picked.c.expires_at, picked.c.id).order_by(
+            picked.c.expires_at.desc(), picked.c.id.desc()
         )
-        return result.rowcount
-
-    def advance(self, rows: Sequence[sa.Row[Any]], limit: int) -> bool:
-        if not rows:
-            return False
-        self.seen += len(rows)
-        self.key = (rows[-1].expires_at, rows[-1].id)
-        return len(rows) >= limit
+        columns: list[Any] = [
+            sa.select(sa.func.count()).select_from(picked).scalar_subquery().label("seen"),
+            last.with_only_columns(picked.c.expires_at).limit(1).scalar_subquery().label("e"),
+            last.with_only_columns(picked.c.id).limit(1).scalar_subquery().label("i"),
+        ]
+        if dry_run:
+            source: Any = picked
+        else:
+            source = (
+                sa.update(s)
+                .where(_ctid_in(sa.select(picked.c.ctid)), *self._due())
+                .values(ended_at=s.c.expires_at)
+                .returning(s.c.id)
+                .cte("done")
+            )
+        columns.append(sa.select(sa.func.count()).select_from(source).scalar_subquery())
+        columns.append(_sample_array(source, want_samples))
+        runner, elapsed = _timed(engine)
+        with runner as conn:
+            row = conn.execute(sa.select(*columns)).one()
+            changed = int(row[3])
+            if not dry_run:
+                check(changed)
+        self.pace.observe(int(row.seen), elapsed())
+        if row.seen:
+            self.seen += int(row.seen)
+            self.key = (row.e, row.i)
+        return _Batch(changed, [str(i) for i in row[4] or []], row.seen >= limit)
 
     def progress(self, progress: Progress) -> None:
         progress.unit = "rows"
@@ -280,27 +363,126 @@ class _ExpireWalk:
         progress.total_units = self.total
 
 
+_UUIDS = pg.ARRAY(pg.UUID)
+
+
+class _ExpireChoice:
+    """Chooses, per run, the index walk or one pass over the heap, as the planner would.
+
+    Many due rows (a backlog) touch most pages of the table: one pass in physical order reads
+    each page once, where the index walk visits the same pages again and again in
+    ``expires_at`` order. A few due rows (a normal night) touch few pages: the partial index
+    finds them without reading the rest of the table.
+    """
+
+    def __init__(self, index: _ExpireWalk, heap: _HeapWalk) -> None:
+        self.index = index
+        self.heap = heap
+        self.chosen: _ExpireWalk | _HeapWalk = index
+
+    def start(self, conn: sa.Connection) -> None:
+        self.index.start(conn)
+        self.heap.start(conn)
+        due = self.index.total or 0
+        if due * HEAP_WALK_PAGES_PER_ROW >= self.heap.end_page:
+            self.chosen = self.heap
+
+    def run_batch(
+        self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
+    ) -> _Batch:
+        return self.chosen.run_batch(engine, cap, dry_run, want_samples, check)
+
+    def progress(self, progress: Progress) -> None:
+        self.chosen.progress(progress)
+
+
+def _target_s(options: StepOptions) -> float | None:
+    return options.target_batch_ms / 1000 if options.target_batch_ms else None
+
+
+def _ctid() -> sa.ColumnElement[str]:
+    return sa.literal_column("ctid", TID()).label("ctid")
+
+
+def _ctid_in(tids: sa.Select[Any]) -> sa.ColumnElement[bool]:
+    """``ctid = ANY(ARRAY(subquery))``: planned as a TID scan, one heap fetch per row."""
+    return sa.literal_column("ctid", TID()) == sa.any_(
+        sa.func.array(tids.scalar_subquery(), type_=pg.ARRAY(TID()))
+    )
+
+
+def _count_and_sample(source: Any, want: int) -> sa.Select[Any]:
+    """How many rows ``source`` has, and up to ``want`` of their ids."""
+    counted = sa.select(sa.func.count()).select_from(source).scalar_subquery()
+    return sa.select(counted, _sample_array(source, want))
+
+
+def _sample_array(source: Any, want: int) -> sa.ScalarSelect[Any]:
+    """Up to ``want`` ids of ``source`` as one array (never the whole batch)."""
+    ids = sa.select(source.c.id).limit(max(0, want)).subquery()
+    return sa.select(sa.func.array_agg(ids.c.id)).scalar_subquery()
+
+
 # --- purge_declines and remove_orphan_fingerprints: one pass over the heap by ctid ----------
 
 
-class _HeapWalk:
-    """Walks a table in physical order through windows of pages.
+class _Overflow(Exception):
+    """A plain window statement changed more rows than a batch may: it is rolled back."""
 
-    The window adapts: a batch that fills up halves it (dense region), a window that yields
-    under half a batch doubles it (sparse region), up to MAX_WINDOW_PAGES. Within a window
-    rows come in ctid order, so a full batch resumes right after its last row.
+
+class _FastPathBlocked(Exception):
+    """The one-statement path cannot take this window (the safety cap is near)."""
+
+
+class _HeapWalk:
+    """Walks a table once in physical order, through windows of whole pages.
+
+    The common case is one plain statement per window,
+    ``DELETE ... WHERE ctid >= (lo,0) AND ctid < (hi,0) AND <condition>``: a TID range scan
+    that reads each page once and deletes in place, the same work per row as the one-statement
+    limit. Locking every row first (``FOR UPDATE``) and deleting it in a second pass writes
+    each tuple header and WAL twice, which measured at under half the limit's rows/s.
+
+    Rows the app holds locked are still never waited on for long, nor changed wrongly: the
+    plain DELETE runs under a short ``lock_timeout``. If it meets a row lock the app holds
+    longer than that, or the window holds more rows than a batch may change, the batch is
+    rolled back whole and that window is walked the careful way instead: rows locked in ctid
+    order with ``FOR UPDATE SKIP LOCKED`` (locked rows are skipped and left for the next run),
+    then deleted by id with the condition re-checked in that statement's fresh snapshot.
+
+    The window is sized by time (``target_batch_ms``) and by the rows a batch may change.
     """
 
-    def __init__(self, table: sa.Table, condition: Sequence[sa.ColumnElement[bool]]) -> None:
+    def __init__(
+        self,
+        table: sa.Table,
+        condition: Sequence[sa.ColumnElement[bool]],
+        options: StepOptions,
+        planner: Sequence[str] = (),
+        values: dict[str, Any] | None = None,
+    ) -> None:
         self.table = table
+        # DELETE the matching rows, or (values given) UPDATE them; an UPDATE of non-key
+        # columns locks FOR NO KEY UPDATE, which the app's foreign-key checks do not conflict
+        # with.
+        self.values = values
+        self.planner = [sa.text(f"SET LOCAL {name} = off") for name in planner]
         self.condition = list(condition)
-        self.ctid = sa.literal_column("ctid", TID()).label("ctid")
-        self.position: tuple[int, int] = (0, 0)  # exclusive: item numbers start at 1
-        self.window = 0  # pages; sized from the batch size on the first batch
-        self.hi_page = 0
+        self.ctid = _ctid()
+        # The walk has passed everything up to here (exclusive): (page, item), and item 0
+        # means "from the start of the page" (item numbers start at 1).
+        self.position: tuple[int, int] = (0, 0)
         self.end_page = 0
         self.rechecked_end = False
         self.density = 50.0  # rows per page until pg_class says otherwise
+        self.matched_per_page = 0.0  # of the condition, as last seen
+        self.target_s = _target_s(options)
+        self.window = _Pace(1, MAX_WINDOW_PAGES, self.target_s)
+        self.rows = _Pace(FIRST_BATCH, options.batch_size, self.target_s)
+        self.settled = False
+        # The careful path inside one window: position within it, and its own batch size.
+        self.careful_until: int | None = None
+        self.careful = _Pace(FIRST_BATCH, options.batch_size, self.target_s)
 
     def _pages(self, conn: sa.Connection) -> int:
         name = t.qualified_name(conn, self.table)
@@ -323,55 +505,182 @@ class _HeapWalk:
         ).one()
         if row.relpages and row.reltuples and row.reltuples > 0:
             self.density = max(1.0, float(row.reltuples) / float(row.relpages))
+        # The first window holds about one first batch of rows, whatever matches.
+        first = FIRST_BATCH if self.target_s else self.rows.most
+        self.window.size = max(1, min(MAX_WINDOW_PAGES, math.ceil(first / self.density)))
 
-    def select_batch(self, conn: sa.Connection, limit: int, lock: bool) -> Sequence[sa.Row[Any]]:
-        if self.window == 0:
-            self.window = max(1, min(MAX_WINDOW_PAGES, math.ceil(limit / self.density)))
-        self.hi_page = self.position[0] + self.window
-        lo = f"({self.position[0]},{self.position[1]})"
-        hi = f"({self.hi_page},0)"
-        tid_lo = sa.cast(sa.bindparam("lo", lo, type_=sa.String), TID())
-        tid_hi = sa.cast(sa.bindparam("hi", hi, type_=sa.String), TID())
+    def _bounds(self, lo: tuple[int, int], hi_page: int) -> list[sa.ColumnElement[bool]]:
+        tid_lo = sa.cast(sa.bindparam("lo", f"({lo[0]},{lo[1]})", type_=sa.String), TID())
+        tid_hi = sa.cast(sa.bindparam("hi", f"({hi_page},0)", type_=sa.String), TID())
+        # Inclusive at a page start (item 0 does not exist), exclusive after a seen row.
+        first = self.ctid >= tid_lo if lo[1] == 0 else self.ctid > tid_lo
+        return [first, self.ctid < tid_hi]
+
+    def _window_pages(self, rows: int, share: float) -> int:
+        pages = self.window.size
+        if self.matched_per_page > 0:
+            # Aim the window at fewer matching rows than the batch may take.
+            pages = min(pages, max(1, int(share * rows / self.matched_per_page)))
+        return pages
+
+    def run_batch(
+        self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
+    ) -> _Batch:
+        if self.careful_until is not None:
+            return self._careful_batch(engine, cap, want_samples, check)
+        limit = min(cap, self.rows.size)
+        # Where the last window showed how densely rows match, the window is sized to hold
+        # well under a batch and changed by the plainest statement. Elsewhere (the start,
+        # sparse stretches, right after an overflow) a LIMIT bounds the batch.
+        plain = not dry_run and want_samples <= 0 and self.matched_per_page > 0 and self.settled
+        self.settled = False
+        pages = self._window_pages(limit, PLAIN_SHARE if plain else 0.8)
+        hi = self.position[0] + pages
+        where = [*self._bounds(self.position, hi), *self.condition]
+        runner, elapsed = _timed(engine)
+        try:
+            with runner as conn:
+                self._plan(conn)
+                if dry_run:
+                    # Counting changes nothing, so a dry batch takes the whole window.
+                    source: Any = sa.select(self.table.c.id).where(*where).cte("matched")
+                    changed, samples = conn.execute(_count_and_sample(source, want_samples)).one()
+                    seen, last = 0, None
+                elif plain:
+                    conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
+                    changed = conn.execute(self._write(where)).rowcount
+                    seen, samples, last = changed, [], None
+                    if changed > limit:
+                        # Denser than the last window: undo, and bound the next batch.
+                        self.matched_per_page = changed / pages
+                        raise _Overflow
+                else:
+                    seen, changed, samples, last = self._change_window(
+                        conn, where, limit, want_samples
+                    )
+                if not dry_run:
+                    try:
+                        check(changed)
+                    except SafetyCapExceeded:
+                        # A part of this window may still fit under the cap: the careful
+                        # path finds out row by row, and raises if not.
+                        raise _FastPathBlocked from None
+        except _Overflow:
+            return _Batch(0, [], True)
+        except _FastPathBlocked:
+            return self._fall_back(pages)
+        except sa.exc.OperationalError as exc:
+            if not _is_lock_conflict(exc):
+                raise
+            return self._fall_back(pages)
+        seconds = elapsed()
+        self.rows.observe(seen, seconds)
+        full = seen >= limit and last is not None
+        if full:
+            # The window holds more: go on right after the last row taken (rows came in
+            # ctid order). A row the app moved meanwhile reports its new ctid; stay inside.
+            assert last is not None
+            at = _parse_tid(last)
+            # The rows came from the pages up to the last one taken, not the whole window.
+            covered = max(1, at[0] - self.position[0] + 1)
+            self.matched_per_page = max(self.matched_per_page, seen / covered)
+            self.position = at if self.position < at and at[0] < hi else (hi, 0)
+            self.window.size = max(1, pages // 2)
+        else:
+            self.window.observe(pages, seconds)
+            self.matched_per_page = seen / pages
+            self.position = (hi, 0)
+            # A whole window taken: its density is a fair guide to the next window's.
+            self.settled = seen > 0
+        more = full or self._more(engine)
+        return _Batch(int(changed), [str(i) for i in samples or []], more)
+
+    def _write(self, where: Sequence[sa.ColumnElement[bool]]) -> sa.Delete | sa.Update:
+        if self.values is None:
+            return sa.delete(self.table).where(*where)
+        return sa.update(self.table).where(*where).values(self.values)
+
+    def _change_window(
+        self,
+        conn: sa.Connection,
+        where: list[sa.ColumnElement[bool]],
+        limit: int,
+        want_samples: int,
+    ) -> tuple[int, int, list[Any], str | None]:
+        """Change the window's first ``limit`` matching rows in ctid order.
+
+        Returns how many matched, how many changed, sample ids, and the last ctid taken.
+        """
+        conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
+        picked = sa.select(self.ctid).where(*where).order_by(self.ctid).limit(limit).cte("picked")
+        changed = (
+            self._write([_ctid_in(sa.select(picked.c.ctid)), *self.condition])
+            .returning(self.table.c.id)
+            .cte("changed")
+        )
+        row = conn.execute(
+            sa.select(
+                sa.select(sa.func.count()).select_from(picked).scalar_subquery(),
+                sa.select(sa.func.count()).select_from(changed).scalar_subquery(),
+                _sample_array(changed, want_samples),
+                sa.select(sa.func.max(picked.c.ctid)).scalar_subquery(),
+            )
+        ).one()
+        return int(row[0]), int(row[1]), list(row[2] or []), row[3]
+
+    def _plan(self, conn: sa.Connection) -> None:
+        for statement in self.planner:
+            conn.execute(statement)
+
+    def _fall_back(self, pages: int) -> _Batch:
+        """Walk this window the careful way (or a smaller window, if it was just too full)."""
+        self.careful_until = self.position[0] + pages
+        return _Batch(0, [], True)
+
+    def _careful_batch(
+        self, engine: sa.Engine, cap: int, want_samples: int, check: CapCheck
+    ) -> _Batch:
+        assert self.careful_until is not None
+        limit = min(self.careful.size, cap)
         query = (
             sa.select(self.table.c.id, self.ctid)
-            .where(self.ctid > tid_lo, self.ctid < tid_hi, *self.condition)
+            .where(*self._bounds(self.position, self.careful_until), *self.condition)
             .order_by(self.ctid)
             .limit(limit)
+            .with_for_update(skip_locked=True, of=self.table, key_share=self.values is not None)
         )
-        if lock:
-            query = query.with_for_update(skip_locked=True, of=self.table)
-        return conn.execute(query).all()
-
-    def apply(self, conn: sa.Connection, ids: list[Any]) -> int:
-        result = conn.execute(
-            sa.delete(self.table)
-            .where(self.table.c.id == sa.any_(sa.bindparam("ids", ids, type_=pg.ARRAY(pg.UUID))))
-            .where(*self.condition)
-        )
-        return result.rowcount
-
-    def advance(self, rows: Sequence[sa.Row[Any]], limit: int) -> bool:
+        runner, elapsed = _timed(engine)
+        with runner as conn:
+            self._plan(conn)
+            rows = conn.execute(query).all()
+            ids = [row.id for row in rows]
+            changed = 0
+            if ids:
+                by_id = self.table.c.id == sa.any_(sa.bindparam("ids", ids, type_=_UUIDS))
+                changed = conn.execute(self._write([by_id, *self.condition])).rowcount
+                check(changed)
+        self.careful.observe(len(rows), elapsed())
+        samples = [str(i) for i in ids[: max(0, want_samples)]]
         if len(rows) >= limit:
-            # Full batch: the window goes on after the last row we saw. A row the app moved
-            # (updated) while we locked it reports its new ctid; keep inside the window.
+            # Full batch: go on after the last row we saw. A row the app moved (updated)
+            # while we locked it reports its new ctid; keep inside the window.
             page, item = _parse_tid(rows[-1].ctid)
-            if (page, item) <= self.position or page >= self.hi_page:
-                self.position = (self.hi_page, 0)
-            else:
+            if (page, item) > self.position and page < self.careful_until:
                 self.position = (page, item)
-            self.window = max(1, self.window // 2)
-        else:
-            self.position = (self.hi_page, 0)
-            if len(rows) < limit / 2:
-                self.window = min(MAX_WINDOW_PAGES, self.window * 2)
-        return self.position[0] < self.end_page
+                return _Batch(changed, samples, True)
+        self.position = (self.careful_until, 0)
+        self.careful_until = None
+        return _Batch(changed, samples, self._more(engine))
 
-    def finish_or_extend(self, conn: sa.Connection) -> bool:
-        """Rows the app rewrote during the walk may now sit past the old end: walk on once."""
+    def _more(self, engine: sa.Engine) -> bool:
+        if self.position[0] < self.end_page:
+            return True
+        # Rows the app rewrote during the walk may now sit past the old end: walk on once.
         if self.rechecked_end:
             return False
         self.rechecked_end = True
-        end = self._pages(conn)
+        with engine.connect() as conn:
+            end = self._pages(conn)
         if end > self.end_page:
             self.end_page = end
             return True
@@ -383,25 +692,13 @@ class _HeapWalk:
         progress.total_units = self.end_page
 
 
+def _is_lock_conflict(exc: sa.exc.OperationalError) -> bool:
+    return isinstance(exc.orig, psycopg.errors.LockNotAvailable | psycopg.errors.DeadlockDetected)
+
+
 def _parse_tid(value: str) -> tuple[int, int]:
     page, item = value.strip("()").split(",")
     return int(page), int(item)
-
-
-class _ExtendingHeapWalk(_HeapWalk):
-    """A heap walk that, at the end, walks once more over pages added while it ran."""
-
-    def __init__(
-        self, engine: sa.Engine, table: sa.Table, condition: Sequence[sa.ColumnElement[bool]]
-    ) -> None:
-        super().__init__(table, condition)
-        self.engine = engine
-
-    def advance(self, rows: Sequence[sa.Row[Any]], limit: int) -> bool:
-        if super().advance(rows, limit):
-            return True
-        with self.engine.connect() as conn:
-            return self.finish_or_extend(conn)
 
 
 # --- the steps ---------------------------------------------------------------------------
@@ -417,9 +714,11 @@ def expire_sessions(
 ) -> StepResult:
     """Set ``ended_at = expires_at`` on every open session with ``expires_at < cutoff``."""
     tables = t.reflect(schema)
-    return _walk(
-        engine, "expire_sessions", _ExpireWalk(tables, cutoff), cutoff, options, before_batch
-    )
+    s = tables.sessions
+    due = [s.c.ended_at.is_(None), s.c.expires_at < cutoff]
+    heap = _HeapWalk(s, due, options, values={"ended_at": s.c.expires_at})
+    walk = _ExpireChoice(_ExpireWalk(tables, cutoff, options), heap)
+    return _walk(engine, "expire_sessions", walk, cutoff, options, before_batch)
 
 
 def purge_declines(
@@ -433,7 +732,7 @@ def purge_declines(
 ) -> StepResult:
     """Delete every decline with ``created_at < cutoff - retention``."""
     d = t.reflect(schema).declines
-    walk = _ExtendingHeapWalk(engine, d, [d.c.created_at < cutoff - retention])
+    walk = _HeapWalk(d, [d.c.created_at < cutoff - retention], options)
     return _walk(engine, "purge_declines", walk, cutoff, options, before_batch)
 
 
@@ -458,7 +757,10 @@ def remove_orphan_fingerprints(
         f.c.created_at < cutoff - grace,
         ~sa.exists().where(s.c.id == f.c.session_id),
     ]
-    walk = _ExtendingHeapWalk(engine, f, orphan)
+    # Per window, the planner prefers a hash anti-join, which reads every session to build its
+    # hash: the whole sessions table once per batch, quadratic overall. Probing the primary
+    # key for the window's rows keeps each batch proportional to its window.
+    walk = _HeapWalk(f, orphan, options, planner=("enable_hashjoin", "enable_mergejoin"))
     return _walk(engine, "remove_orphan_fingerprints", walk, cutoff, options, before_batch)
 
 

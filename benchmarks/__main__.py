@@ -1,0 +1,108 @@
+"""``python -m benchmarks`` (or ``./run bench``): seed, run every approach, verify, report.
+
+Example: ``./run bench --scales S,L`` writes benchmarks/results/S_L.{json,md} and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from benchmarks import report, runner
+from benchmarks.approaches import APPROACHES
+from session_cleanup_dagster.seed import parse_scale
+
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument(
+        "--scales", default="S", help="comma-separated: XS (10k users), S (200k), L (1M), or N"
+    )
+    parser.add_argument(
+        "--approaches",
+        default=",".join(APPROACHES),
+        help=f"comma-separated subset of {','.join(APPROACHES)}",
+    )
+    parser.add_argument(
+        "--admin-url",
+        default=os.environ.get("SESSION_CLEANUP_BENCH_ADMIN_URL", DEFAULT_ADMIN_URL),
+        help="superuser URL of the server to use (env SESSION_CLEANUP_BENCH_ADMIN_URL); "
+        "the benchmark creates and drops its own databases there",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), help="output directory"
+    )
+    parser.add_argument("--name", default=None, help="file name stem (default: the scales)")
+    parser.add_argument(
+        "--guard-s", type=float, default=600.0, help="statement_timeout of each old statement"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of all approaches")
+    parser.add_argument("--idle-s", type=float, default=10.0, help="idle app baseline length")
+    parser.add_argument(
+        "--overhead-runs", type=int, default=3, help="zero-row and trivial job runs (0: none)"
+    )
+    parser.add_argument(
+        "--no-multiprocess", action="store_true", help="skip the multiprocess-executor figure"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        help="rewrite the Markdown and plots from this results JSON; run nothing",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.report_only is not None:
+        results = json.loads(args.report_only.read_text())
+        stem = args.report_only.stem
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.md").write_text(
+            report.markdown(results, results["summary"], results["targets"])
+        )
+        report.plots(results["summary"], results, args.out, stem)
+        return 0
+    scales = [(s.strip().upper(), parse_scale(s)) for s in args.scales.split(",") if s.strip()]
+    approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
+    unknown = set(approaches) - set(APPROACHES)
+    if unknown:
+        raise SystemExit(f"unknown approaches {sorted(unknown)}; choose from {APPROACHES}")
+    options = runner.Options(
+        scales=scales,
+        approaches=approaches,
+        admin_url=args.admin_url,
+        guard_s=args.guard_s,
+        repeat=args.repeat,
+        idle_s=args.idle_s,
+        overhead_runs=args.overhead_runs,
+        multiprocess=not args.no_multiprocess,
+    )
+    results = runner.run(options)
+    summary = report.summarize(results)
+    goals = report.targets(summary, results)
+    results["summary"] = summary
+    results["targets"] = goals
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or "_".join(s for s, _ in scales)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    text = report.markdown(results, summary, goals)
+    (args.out / f"{stem}.md").write_text(text)
+    if not args.no_plots:
+        report.plots(summary, results, args.out, stem)
+    sys.stdout.write(text)
+    verified = all(a["verified"] for s in summary.values() for a in s["approaches"].values())
+    return 0 if verified else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

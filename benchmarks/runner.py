@@ -1,0 +1,238 @@
+"""Runs the approaches on identical copies of one seeded database per scale."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from benchmarks import app_load, databases
+from benchmarks.approaches import APP_NAME, STEPS
+
+log = logging.getLogger("benchmarks")
+
+CUTOFF = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Options:
+    scales: list[tuple[str, int]]
+    approaches: list[str]
+    admin_url: str
+    guard_s: float = 600.0
+    repeat: int = 1
+    idle_s: float = 10.0
+    load_interval_s: float = 0.01
+    overhead_runs: int = 3
+    multiprocess: bool = True
+    sample_every_s: float = 0.02
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+class XactSampler:
+    """Samples pg_stat_activity: the cleanup's open transactions, the app's lock waits."""
+
+    def __init__(self, admin_url: str, database: str, every_s: float) -> None:
+        self.admin_url = admin_url
+        self.database = database
+        self.every_s = every_s
+        self.longest = 0.0
+        # (pid, query_start) of an app write seen waiting on a lock -> longest wait seen.
+        self.lock_waits: dict[tuple[int, str], float] = {}
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        sql = (
+            "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)"
+            " FROM pg_stat_activity WHERE datname = %s AND application_name = %s"
+            " AND xact_start IS NOT NULL"
+        )
+        waits = (
+            "SELECT pid, query_start::text,"
+            " extract(epoch FROM clock_timestamp() - query_start)"
+            " FROM pg_stat_activity WHERE datname = %s AND application_name = %s"
+            " AND wait_event_type = 'Lock'"
+        )
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            while not self.stop_event.is_set():
+                row = conn.execute(sql, (self.database, APP_NAME)).fetchone()
+                if row is not None:
+                    self.longest = max(self.longest, float(row[0]))
+                for pid, started, seconds in conn.execute(
+                    waits, (self.database, app_load.APP_NAME)
+                ):
+                    key = (int(pid), str(started))
+                    self.lock_waits[key] = max(self.lock_waits.get(key, 0.0), float(seconds))
+                self.stop_event.wait(self.every_s)
+
+    def lock_wait_summary(self) -> dict[str, Any]:
+        return {
+            "lock_waits_seen": len(self.lock_waits),
+            "lock_waits_over_1s": sum(1 for s in self.lock_waits.values() if s > 1.0),
+            "longest_lock_wait_s": max(self.lock_waits.values(), default=0.0),
+        }
+
+    def __enter__(self) -> XactSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+
+
+def run_child(approach: str, url: str, guard_s: float) -> dict[str, Any]:
+    """Run one approach in a fresh Python process; its JSON line is the result."""
+    started = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.approaches",
+            approach,
+            url,
+            CUTOFF.isoformat(),
+            str(guard_s),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=guard_s * 3 + 900,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{approach} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["_process"]["outer_wall_s"] = time.monotonic() - started
+    return result
+
+
+def _bins(series: list[tuple[float, float]], width: float = 0.25) -> list[tuple[float, float]]:
+    """The worst latency per ``width`` seconds: small enough to keep, enough to plot."""
+    worst: dict[int, float] = {}
+    for t, ms in series:
+        key = int(t // width)
+        worst[key] = max(worst.get(key, 0.0), ms)
+    return [(round(k * width, 3), v) for k, v in sorted(worst.items())]
+
+
+def measure(
+    options: Options, server: databases.Server, template: str, users: int, approach: str, tag: str
+) -> dict[str, Any]:
+    with server.copy(template, tag) as url:
+        before = databases.expected_state(url, CUTOFF)
+        database = url.rsplit("/", 1)[1]
+        spec = app_load.LoadSpec(
+            url, users, interval_s=options.load_interval_s, max_s=options.guard_s * 3 + 600
+        )
+        load = app_load.AppLoad(spec)
+        with XactSampler(server.admin_url, database, options.sample_every_s) as sampler:
+            since = load.start()
+            try:
+                child = run_child(approach, url, options.guard_s)
+            finally:
+                samples = load.stop()
+        app = app_load.summarize(samples, since)
+        app["series"] = _bins(app["series"])
+        app.update(sampler.lock_wait_summary())
+        unfinished = [s for s in STEPS if not child.get(s, {}).get("done", False)]
+        check = databases.verify(url, CUTOFF, before, app_writes=app["ops"], unfinished=unfinished)
+        result: dict[str, Any] = {
+            "approach": approach,
+            "steps": {s: child[s] for s in STEPS},
+            "process": child["_process"],
+            "job": child.get("_job"),
+            "longest_xact_s": sampler.longest,
+            "app": app,
+            "verified": check,
+            "due_before": {s: before[f"due_{s}"] for s in STEPS},
+        }
+        if approach == "job":
+            # The same job again on the now clean copy: a run with nothing to change.
+            result["zero_row_runs"] = [
+                run_child("job", url, options.guard_s) for _ in range(options.overhead_runs)
+            ]
+    return result
+
+
+def idle_baseline(
+    options: Options, server: databases.Server, template: str, users: int, tag: str
+) -> dict[str, Any]:
+    with server.copy(template, tag) as url:
+        load = app_load.AppLoad(app_load.LoadSpec(url, users, interval_s=options.load_interval_s))
+        since = load.start()
+        time.sleep(options.idle_s)
+        app = app_load.summarize(load.stop(), since)
+        app["series"] = _bins(app["series"])
+        return app
+
+
+def run(options: Options) -> dict[str, Any]:
+    server = databases.Server(options.admin_url)
+    results: dict[str, Any] = {
+        "cutoff": CUTOFF.isoformat(),
+        "guard_s": options.guard_s,
+        "server_version": server.version(),
+        "server_settings": server.settings(),
+        "scales": {},
+    }
+    try:
+        for scale, users in options.scales:
+            log.info("%s: seeding %d users", scale, users)
+            template, seed_s = databases.seed_template(server, scale, users, CUTOFF)
+            entry: dict[str, Any] = {"users": users, "seed_s": seed_s, "runs": []}
+            results["scales"][scale] = entry
+            log.info("%s: seeded in %.1f s; idle app baseline", scale, seed_s)
+            entry["idle"] = idle_baseline(options, server, template, users, f"{scale}_idle")
+            for rep in range(options.repeat):
+                for approach in options.approaches:
+                    if approach == "old" and rep > 0:
+                        continue  # once is enough: its NOT IN step alone takes the whole guard
+                    log.info("%s: %s (round %d)", scale, approach, rep + 1)
+                    tag = f"{scale}_{approach}_{rep}"
+                    measured = measure(options, server, template, users, approach, tag)
+                    measured["round"] = rep + 1
+                    entry["runs"].append(measured)
+                    _log_run(scale, measured)
+            server.drop(template)
+        if options.overhead_runs and "trivial" not in results:
+            results["trivial"] = {
+                "in_process": [
+                    run_child("trivial_in_process", "-", 60) for _ in range(options.overhead_runs)
+                ]
+            }
+            if options.multiprocess:
+                results["trivial"]["multiprocess"] = [
+                    run_child("trivial_multiprocess", "-", 60) for _ in range(options.overhead_runs)
+                ]
+    finally:
+        server.drop_all()
+    return results
+
+
+def _log_run(scale: str, run: dict[str, Any]) -> None:
+    parts = []
+    for step in STEPS:
+        s = run["steps"][step]
+        wall = s.get("wall_s")
+        parts.append(f"{step} {s['rows']} rows {wall:.2f} s" if wall else f"{step} -")
+    log.info(
+        "%s %s: %s; longest xact %.3f s; app p99 %s ms; verified %s",
+        scale,
+        run["approach"],
+        ", ".join(parts),
+        run["longest_xact_s"],
+        run["app"]["p99_ms"],
+        run["verified"]["ok"],
+    )

@@ -1,0 +1,54 @@
+"""The benchmark command, as a smoke run at scale XS: it runs every approach and verifies.
+
+Touches: benchmarks/ end to end (seeding, the old and limit statements, the job through
+Dagster, the step functions, the app load, the report) on the test server. It asserts that
+the command runs and that every approach left the state the contract requires; it never
+asserts a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+from benchmarks.databases import PREFIX
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "SESSION_CLEANUP_BENCH_ADMIN_URL": admin_url}
+    args = ["--scales", "XS", "--idle-s", "1", "--overhead-runs", "0"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", *args, "--no-plots", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    results = json.loads((tmp_path / "XS.json").read_text())
+    runs = results["scales"]["XS"]["runs"]
+    assert {run["approach"] for run in runs} == {"old", "limit", "job", "steps"}
+    for run in runs:
+        assert run["verified"]["ok"], (run["approach"], run["verified"])
+        assert all(step["done"] for step in run["steps"].values()), run["approach"]
+        assert run["app"]["ops"] > 0
+    assert "### Targets" in (tmp_path / "XS.md").read_text()
+    # Every database the benchmark created is gone.
+    with psycopg.connect(admin_url) as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s",
+            (f"{PREFIX}_{proc.pid}_%",),
+        ).fetchall()
+    assert left == []

@@ -1,0 +1,97 @@
+"""The steps' two ways through a table, and their batch sizing, against the contract model.
+
+Touches: session_cleanup_dagster.steps on a fresh database per test. expire_sessions walks
+the partial index when few rows are due and the heap when many are; the heap walks take
+whole windows in one plain statement once they know how densely rows match, and bound a
+window with a LIMIT elsewhere. Whatever path a batch takes, the whole state must equal
+tests.model.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from session_cleanup_dagster import steps
+from session_cleanup_dagster.seed import seed_database
+from session_cleanup_dagster.steps import StepOptions
+from tests import data, model, pg
+from tests.data import T
+
+
+def _units(url: str, step: str, options: StepOptions = StepOptions()) -> set[str]:
+    seen: set[str] = set()
+    engine = pg.engine(url)
+    try:
+        getattr(steps, step)(engine, T, options, before_batch=lambda p: seen.add(p.unit))
+    finally:
+        engine.dispose()
+    return seen
+
+
+def test_few_due_sessions_in_a_large_table_walk_the_partial_index(app_url: str) -> None:
+    data.boundaries(app_url)
+    # Many sessions that ended long ago: pages the index walk need not read.
+    pg.execute(app_url, "INSERT INTO users (id) SELECT 'pad_' || g FROM generate_series(1, 3000) g")
+    pg.execute(
+        app_url,
+        "INSERT INTO after_hours_sessions (user_id, expires_at, ended_at, latitude, longitude,"
+        " fuzzed_latitude, fuzzed_longitude) SELECT 'pad_' || g, %s, %s, 1, 1, 1, 1"
+        " FROM generate_series(1, 3000) g",
+        (T - timedelta(days=20), T - timedelta(days=21)),
+    )
+    pg.execute(app_url, "ANALYZE")
+    before = pg.snapshot(app_url)
+    assert _units(app_url, "expire_sessions") == {"rows"}
+    assert pg.snapshot(app_url) == model.expire_sessions(before, T)
+
+
+def test_a_large_backlog_of_sessions_walks_the_heap(app_url: str) -> None:
+    engine = pg.engine(app_url)
+    seed_database(engine, 400, anchor=T, create_schema=False)
+    engine.dispose()
+    before = pg.snapshot(app_url)
+    assert _units(app_url, "expire_sessions") == {"pages"}
+    assert pg.snapshot(app_url) == model.expire_sessions(before, T)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        StepOptions(),
+        StepOptions(batch_size=40),  # many full, LIMIT-bounded batches and plain windows
+        StepOptions(batch_size=300, target_batch_ms=None),  # fixed batches
+        StepOptions(batch_size=1, target_batch_ms=None),
+    ],
+    ids=["default", "small", "fixed", "one"],
+)
+def test_every_path_and_batch_size_leaves_the_contract_state(
+    app_url: str, options: StepOptions
+) -> None:
+    engine = pg.engine(app_url)
+    seed_database(engine, 400, anchor=T, create_schema=False)
+    dry = {
+        name: getattr(steps, name)(engine, T, StepOptions(dry_run=True)).changed
+        for name in ("expire_sessions", "purge_declines", "remove_orphan_fingerprints")
+    }
+    before = pg.snapshot(app_url)
+    real = {
+        name: getattr(steps, name)(engine, T, options).changed
+        for name in ("expire_sessions", "purge_declines", "remove_orphan_fingerprints")
+    }
+    engine.dispose()
+    assert pg.snapshot(app_url) == model.cleanup(before, T)
+    assert real == dry
+
+
+def test_safety_cap_on_a_heap_walk_commits_nothing_past_max_rows(app_url: str) -> None:
+    engine = pg.engine(app_url)
+    seed_database(engine, 400, anchor=T, create_schema=False)
+    due = steps.purge_declines(engine, T, StepOptions(dry_run=True)).changed
+    with pytest.raises(steps.SafetyCapExceeded) as raised:
+        steps.purge_declines(engine, T, StepOptions(max_rows=due - 1))
+    left = steps.purge_declines(engine, T, StepOptions(dry_run=True)).changed
+    engine.dispose()
+    assert raised.value.changed <= due - 1
+    assert due - left == raised.value.changed
