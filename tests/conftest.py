@@ -22,14 +22,14 @@ from tests import pg
 # talk to a real PostgreSQL, so there is no per-example deadline, and the property tests
 # reuse one database per test function (hence the function-scoped-fixture check is off).
 # No example database on disk: a failure prints its reproduction blob instead.
-_PROFILE_DEFAULTS = {
-    "deadline": None,
-    "database": None,
-    "print_blob": True,
-    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-}
-settings.register_profile("ci", max_examples=200, **_PROFILE_DEFAULTS)
-settings.register_profile("long", max_examples=5000, **_PROFILE_DEFAULTS)
+_BASE = settings(
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile("ci", parent=_BASE, max_examples=200)
+settings.register_profile("long", parent=_BASE, max_examples=5000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
