@@ -36,7 +36,7 @@ def backlog(
         .where(
             f.c.session_id.is_not(None),
             f.c.created_at < cutoff - grace,
-            ~sa.exists().where(s.c.id == f.c.session_id),
+            ~sa.select(s.c.id).where(s.c.id == f.c.session_id).exists(),
         ),
     }
     with engine.connect() as conn:

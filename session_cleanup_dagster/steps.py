@@ -456,7 +456,7 @@ def remove_orphan_fingerprints(
     orphan = [
         f.c.session_id.is_not(None),
         f.c.created_at < cutoff - grace,
-        ~sa.exists().where(s.c.id == f.c.session_id),
+        ~sa.select(s.c.id).where(s.c.id == f.c.session_id).exists(),
     ]
     walk = _ExtendingHeapWalk(engine, f, orphan)
     return _walk(engine, "remove_orphan_fingerprints", walk, cutoff, options, before_batch)
