@@ -17,7 +17,8 @@ from pydantic import Field, PrivateAttr
 from session_cleanup_dagster.errors import ConfigError
 from session_cleanup_dagster.urls import psycopg_url
 
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Used with fullmatch: with match(), "$" also matches before a trailing newline.
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 def session_options(
@@ -116,7 +117,7 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
         Raises:
             ConfigError: with what is wrong and what is valid.
         """
-        if not _IDENTIFIER.match(self.db_schema):
+        if not _IDENTIFIER.fullmatch(self.db_schema):
             raise ConfigError(
                 f"app_db.db_schema {self.db_schema!r} is not a plain identifier: use lower-case "
                 "letters, digits and underscores, starting with a letter or underscore."

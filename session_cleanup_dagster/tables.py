@@ -13,7 +13,8 @@ from functools import lru_cache
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Used with fullmatch: with match(), "$" also matches before a trailing newline.
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 SESSIONS = "after_hours_sessions"
 DECLINES = "after_hours_declines"
@@ -36,7 +37,7 @@ def check_identifier(value: str, what: str) -> str:
     Raises:
         ValueError: naming the offending value and what is valid.
     """
-    if not _IDENTIFIER.match(value):
+    if not _IDENTIFIER.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} is not a plain identifier: use lower-case letters, digits and "
             "underscores, starting with a letter or underscore, at most 63 characters."
