@@ -48,6 +48,13 @@ def admin_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def password_server() -> Iterator[pg.PasswordServer]:
+    """A private embedded PostgreSQL that checks passwords (the shared server trusts all)."""
+    with pg.password_server() as server:
+        yield server
+
+
 @pytest.fixture
 def database_url(admin_url: str) -> Iterator[str]:
     """A fresh, empty database of this test's own; dropped afterwards."""
