@@ -239,7 +239,8 @@ def test_invalid_resource_setting_is_refused_before_any_connection(
     setting: str, value: int, message: str
 ) -> None:
     # Unreachable on purpose: a connection attempt would show up as an error about it.
-    app_db = AppDatabase(url="postgresql://nobody@127.0.0.1:1/none", **{setting: value})
+    settings: dict[str, Any] = {"url": "postgresql://nobody@127.0.0.1:1/none", setting: value}
+    app_db = AppDatabase(**settings)
     result = run(app_db)
     assert not result.success
     assert started_steps(result) == []
