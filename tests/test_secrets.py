@@ -85,7 +85,7 @@ def _execute(home: Path, app_url: str, dagster_url: str) -> subprocess.Completed
 
 def _every_row_as_text(url: str) -> str:
     """Every row of every table in the database's public schema, as text."""
-    chunks = []
+    chunks: list[str] = []
     with psycopg.connect(url) as conn:
         tables = [
             row[0]
