@@ -7,7 +7,6 @@ when it ends: one engine, and so one small connection pool, per run.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import dagster as dg
@@ -15,10 +14,8 @@ import sqlalchemy as sa
 from pydantic import Field, PrivateAttr
 
 from session_cleanup_dagster.errors import ConfigError
+from session_cleanup_dagster.tables import check_identifier
 from session_cleanup_dagster.urls import psycopg_url
-
-# Used with fullmatch: with match(), "$" also matches before a trailing newline.
-_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 def session_options(
@@ -117,11 +114,10 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
         Raises:
             ConfigError: with what is wrong and what is valid.
         """
-        if not _IDENTIFIER.fullmatch(self.db_schema):
-            raise ConfigError(
-                f"app_db.db_schema {self.db_schema!r} is not a plain identifier: use lower-case "
-                "letters, digits and underscores, starting with a letter or underscore."
-            )
+        try:
+            check_identifier(self.db_schema, "app_db.db_schema")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for name in ("lock_timeout_ms", "statement_timeout_ms", "idle_in_transaction_timeout_ms"):
             value = getattr(self, name)
             if not 1 <= value <= 3_600_000:

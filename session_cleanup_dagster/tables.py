@@ -6,15 +6,13 @@ They are declared, not reflected, so building them needs no database connection.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-# Used with fullmatch: with match(), "$" also matches before a trailing newline.
-_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+from session_cleanup_dagster.schema import IDENTIFIER_PATTERN
 
 SESSIONS = "after_hours_sessions"
 DECLINES = "after_hours_declines"
@@ -37,7 +35,7 @@ def check_identifier(value: str, what: str) -> str:
     Raises:
         ValueError: naming the offending value and what is valid.
     """
-    if not _IDENTIFIER.fullmatch(value):
+    if not IDENTIFIER_PATTERN.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} is not a plain identifier: use lower-case letters, digits and "
             "underscores, starting with a letter or underscore, at most 63 characters."
