@@ -273,6 +273,10 @@ def _assert_secret_nowhere(
             "unsupported database URL 'mysql://cleanup:***@127.0.0.1/app': the scheme must be "
             "one of postgresql://, postgres://, postgresql+psycopg://",
         ),
+        (
+            f"mysql://cleanup@127.0.0.1/app?password={PASSWORD}",
+            "unsupported database URL 'mysql://cleanup@127.0.0.1/app': the scheme must be",
+        ),
         (PASSWORD, "could not parse the database URL"),
         ("", "could not parse the database URL"),
         (f"postgresql://cleanup:{PASSWORD}@[::1/app", "could not parse the database URL"),
@@ -301,15 +305,19 @@ def test_unresolvable_host_fails_once_per_op_naming_the_host(
     _assert_secret_nowhere(result, capfd, PASSWORD)
 
 
+@pytest.mark.parametrize("form", ["user:password@", "?password="])
 def test_wrong_password_fails_once_per_op_without_printing_either_password(
-    password_server: pg.PasswordServer, capfd: pytest.CaptureFixture[str]
+    password_server: pg.PasswordServer, capfd: pytest.CaptureFixture[str], form: str
 ) -> None:
     role = "sct_wrongpw"
     password_server.create_role(role, PASSWORD)
     try:
         wrong = "Wr0ng-" + PASSWORD
         before = password_server.auth_failures(role)
-        result = run(AppDatabase(url=password_server.url(role, wrong)))
+        url = password_server.url(role, wrong)
+        if form == "?password=":  # libpq's other place for it
+            url = password_server.url(role, "").replace(":@", "@", 1) + f"&password={wrong}"
+        result = run(AppDatabase(url=url))
         assert not result.success
         for op in OPS:
             message = failure_message(result, op)
