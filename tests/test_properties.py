@@ -38,6 +38,10 @@ from session_cleanup_dagster.steps import StepOptions
 from tests import model, pg
 from tests.jobrun import OPS, output_metadata, run_job
 
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+# pytest-timeout's 600 s suits the ci profile; the long one runs for tens of minutes a test.
+pytestmark = pytest.mark.timeout(600 if PROFILE == "ci" else 4 * 3600)
+
 MICRO = timedelta(microseconds=1)
 DEFAULT_RETENTION = timedelta(days=7)
 DEFAULT_GRACE = timedelta(hours=1)
@@ -383,7 +387,7 @@ JOB_EXAMPLES = {"ci": 25, "long": 500}
 _JOB_LATEST_CUTOFF = datetime(2026, 11, 1, tzinfo=UTC)  # as_of may not be in the future
 
 
-@settings(max_examples=JOB_EXAMPLES.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 25))
+@settings(max_examples=JOB_EXAMPLES.get(PROFILE, 25))
 @given(
     data=datasets(
         retention=st.integers(1, 60).map(lambda d: timedelta(days=d)),
