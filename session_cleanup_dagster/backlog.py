@@ -36,7 +36,7 @@ def backlog(
         .where(
             f.c.session_id.is_not(None),
             f.c.created_at < cutoff - grace,
-            ~sa.select(s.c.id).where(s.c.id == f.c.session_id).exists(),
+            ~sa.exists().where(s.c.id == f.c.session_id),
         ),
     }
     with engine.connect() as conn:
