@@ -27,6 +27,10 @@ class Need:
     column_privileges: tuple[tuple[str, str], ...] = ()  # (column, privilege)
 
 
+# Least privilege, column by column: the job reads only the columns below (never the app's
+# coordinates, fingerprint hashes or user ids), so SELECT is needed on those columns only; a
+# table-level SELECT satisfies the check too. The heap walks select ``ctid``, a system column
+# that needs its own column grant when SELECT is granted per column.
 # FOR UPDATE (our row locks) needs UPDATE on at least one column as well as SELECT: that is
 # PostgreSQL's rule even when the statement that follows is a DELETE. docs/grants.sql grants
 # UPDATE on the id column only for the two tables we delete from.
@@ -35,26 +39,37 @@ NEEDS: dict[str, tuple[Need, ...]] = {
         Need(
             t.SESSIONS,
             {"id": "uuid", "expires_at": TIMESTAMPTZ, "ended_at": TIMESTAMPTZ},
-            ("SELECT",),
-            (("ended_at", "UPDATE"),),
+            (),
+            (
+                ("id", "SELECT"),
+                ("expires_at", "SELECT"),
+                ("ended_at", "SELECT"),
+                ("ended_at", "UPDATE"),
+            ),
         ),
     ),
     "purge_declines": (
         Need(
             t.DECLINES,
             {"id": "uuid", "created_at": TIMESTAMPTZ},
-            ("SELECT", "DELETE"),
-            (("id", "UPDATE"),),
+            ("DELETE",),
+            (("id", "SELECT"), ("created_at", "SELECT"), ("ctid", "SELECT"), ("id", "UPDATE")),
         ),
     ),
     "remove_orphan_fingerprints": (
         Need(
             t.FINGERPRINTS,
             {"id": "uuid", "session_id": "uuid", "created_at": TIMESTAMPTZ},
-            ("SELECT", "DELETE"),
-            (("id", "UPDATE"),),
+            ("DELETE",),
+            (
+                ("id", "SELECT"),
+                ("session_id", "SELECT"),
+                ("created_at", "SELECT"),
+                ("ctid", "SELECT"),
+                ("id", "UPDATE"),
+            ),
         ),
-        Need(t.SESSIONS, {"id": "uuid"}, ("SELECT",)),
+        Need(t.SESSIONS, {"id": "uuid"}, (), (("id", "SELECT"),)),
     ),
 }
 
@@ -76,10 +91,33 @@ INDEXES: dict[str, tuple[tuple[str, str, str], ...]] = {
 def check(conn: sa.Connection, step: str, schema: str = "public") -> None:
     """Raise PermanentDatabaseError naming the first thing ``step`` lacks, with the fix."""
     t.check_identifier(schema, "schema")
+    _check_schema(conn, step, schema)
     for need in NEEDS[step]:
         _check_table(conn, step, schema, need)
     for table, column, fix in INDEXES.get(step, ()):
         _check_index(conn, step, schema, table, column, fix)
+
+
+def _check_schema(conn: sa.Connection, step: str, schema: str) -> None:
+    # Without USAGE on the schema every later lookup by name fails with a bare "permission
+    # denied for schema", so this comes first and names the grant.
+    row = conn.execute(
+        sa.text(
+            "SELECT has_schema_privilege(oid, 'USAGE') AS usage, current_user AS role"
+            " FROM pg_catalog.pg_namespace WHERE nspname = :schema"
+        ),
+        {"schema": schema},
+    ).first()
+    if row is None:
+        raise PermanentDatabaseError(
+            f"{step}: schema {schema} does not exist in this database. Point APP_DATABASE_URL "
+            "at the app's database (and app_db.db_schema at its schema)."
+        )
+    if not row.usage:
+        raise PermanentDatabaseError(
+            f"{step}: role {row.role} lacks USAGE on schema {schema}. Fix: GRANT USAGE ON "
+            f"SCHEMA {schema} TO {row.role}; (docs/grants.sql has the full set)."
+        )
 
 
 def _check_table(conn: sa.Connection, step: str, schema: str, need: Need) -> None:
@@ -97,12 +135,17 @@ def _check_table(conn: sa.Connection, step: str, schema: str, need: Need) -> Non
             f"{step}: table {qualified} does not exist in this database. Point "
             "APP_DATABASE_URL at the app's database (and app_db.db_schema at its schema)."
         )
+    # pg_attribute, not information_schema.columns: the latter hides the columns a role has
+    # no privilege on, which would turn a missing GRANT into a misleading "does not exist".
     found: dict[str, str] = {
         row.column_name: row.data_type
         for row in conn.execute(
             sa.text(
-                "SELECT column_name, data_type FROM information_schema.columns"
-                " WHERE table_schema = :schema AND table_name = :table"
+                "SELECT a.attname AS column_name, format_type(a.atttypid, NULL) AS data_type"
+                " FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c"
+                " ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = :schema AND c.relname = :table AND a.attnum > 0"
+                " AND NOT a.attisdropped"
             ),
             {"schema": schema, "table": need.table},
         )
@@ -140,7 +183,11 @@ def _privilege_error(
 ) -> PermanentDatabaseError:
     role = conn.execute(sa.text("SELECT current_user")).scalar_one()
     target = f"{privilege} ({column})" if column else privilege
-    why = " (row locks need it, even before a DELETE)" if column == "id" else ""
+    why = ""
+    if privilege == "UPDATE" and column == "id":
+        why = " (row locks need it, even before a DELETE)"
+    elif column == "ctid":
+        why = " (the step walks the table by physical row address, its ctid)"
     return PermanentDatabaseError(
         f"{step}: role {role} lacks {target} on {qualified}{why}. Fix: "
         f"GRANT {target} ON {qualified} TO {role}; (docs/grants.sql has the full set)."

@@ -174,11 +174,13 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
         return self._run_lock
 
     def password(self) -> str | None:
-        """The password in the URL, so error messages can be scrubbed of it."""
+        """The password in the URL (or its ``?password=``), so messages can be scrubbed of it."""
         try:
-            return psycopg_url(self.url).password
+            parsed = psycopg_url(self.url)
         except ValueError:
             return None
+        query = parsed.query.get("password")
+        return parsed.password or (query if isinstance(query, str) else None)
 
     def describe(self) -> str:
         """``host:port/database`` for messages; never the user or password."""

@@ -755,7 +755,7 @@ def remove_orphan_fingerprints(
     orphan = [
         f.c.session_id.is_not(None),
         f.c.created_at < cutoff - grace,
-        ~sa.exists().where(s.c.id == f.c.session_id),
+        ~sa.select(s.c.id).where(s.c.id == f.c.session_id).exists(),
     ]
     # Per window, the planner prefers a hash anti-join, which reads every session to build its
     # hash: the whole sessions table once per batch, quadratic overall. Probing the primary

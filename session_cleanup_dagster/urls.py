@@ -40,8 +40,10 @@ def psycopg_url(url: str | sa.URL) -> sa.URL:
             + ", ".join(f"{scheme}://..." for scheme in ACCEPTED_SCHEMES)
         ) from None
     if parsed.drivername not in ACCEPTED_SCHEMES:
+        # Shown without its query: libpq also takes the password as ?password=...
+        shown = parsed.set(query={}).render_as_string(hide_password=True)
         raise ValueError(
-            f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
+            f"unsupported database URL {shown!r}: "
             "the scheme must be one of " + ", ".join(f"{scheme}://" for scheme in ACCEPTED_SCHEMES)
         )
     return parsed.set(drivername=_DRIVERNAME)

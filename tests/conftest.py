@@ -13,8 +13,24 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests import pg
+
+# Hypothesis profiles: "ci" (the default) runs at least 200 examples per property; "long"
+# (HYPOTHESIS_PROFILE=long) runs many more, for a nightly or a pre-release check. Examples
+# talk to a real PostgreSQL, so there is no per-example deadline, and the property tests
+# reuse one database per test function (hence the function-scoped-fixture check is off).
+# No example database on disk: a failure prints its reproduction blob instead.
+_BASE = settings(
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile("ci", parent=_BASE, max_examples=200)
+settings.register_profile("long", parent=_BASE, max_examples=5000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +46,13 @@ def admin_url() -> Iterator[str]:
     """A superuser URL to a maintenance database on a real server."""
     with pg.server() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def password_server() -> Iterator[pg.PasswordServer]:
+    """A private embedded PostgreSQL that checks passwords (the shared server trusts all)."""
+    with pg.password_server() as server:
+        yield server
 
 
 @pytest.fixture

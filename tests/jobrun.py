@@ -57,3 +57,20 @@ def attempts(result: dg.ExecuteInProcessResult, op: str) -> int:
     return 1 + sum(
         1 for event in result.events_for_node(op) if event.event_type_value == "STEP_UP_FOR_RETRY"
     )
+
+
+def error_texts(result: dg.ExecuteInProcessResult) -> list[str]:
+    """Every event message and every error (message, stack, causes) the run recorded."""
+    texts = []
+    for event in result.all_events:
+        texts.append(event.message or "")
+        error = getattr(event.event_specific_data, "error", None)
+        while error is not None:
+            texts.append(error.message)
+            texts.extend(error.stack)
+            error = error.cause or error.context
+    return texts
+
+
+def started_steps(result: dg.ExecuteInProcessResult) -> list[str]:
+    return [e.step_key or "" for e in result.all_events if e.event_type_value == "STEP_START"]

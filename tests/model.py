@@ -61,3 +61,24 @@ def cleanup(
     state = expire_sessions(state, cutoff)
     state = purge_declines(state, cutoff, retention)
     return remove_orphan_fingerprints(state, cutoff, grace)
+
+
+def delete_session(state: Snapshot, session_id: object) -> Snapshot:
+    """What the app's ``DELETE FROM after_hours_sessions`` does: its declines cascade away.
+
+    Fingerprints have no foreign key, so theirs stay (and become orphans).
+    """
+    after = copy.deepcopy(state)
+    after["after_hours_sessions"] = [
+        row for row in after["after_hours_sessions"] if row["id"] != session_id
+    ]
+    after["after_hours_declines"] = [
+        row for row in after["after_hours_declines"] if row["session_id"] != session_id
+    ]
+    return after
+
+
+def rows_changed(before: Snapshot, after: Snapshot, table: str) -> int:
+    """How many rows of ``table`` differ (changed or gone) between two states."""
+    remaining = {row["id"]: row for row in after[table]}
+    return sum(1 for row in before[table] if remaining.get(row["id"]) != row)

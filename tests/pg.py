@@ -6,6 +6,8 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -80,15 +82,61 @@ Snapshot = dict[str, list[dict[str, Any]]]
 def snapshot(url: str, schema_name: str = "public") -> Snapshot:
     """Every row of the four tables, every column, ordered by id: the whole state."""
     with psycopg.connect(_plain(url)) as conn:
-        state: Snapshot = {}
-        for table in TABLES:
-            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-            rows = cur.execute(f'SELECT * FROM "{schema_name}"."{table}" ORDER BY id').fetchall()
-            state[table] = rows
-        return state
+        return snapshot_on(conn, schema_name)
+
+
+def snapshot_on(conn: psycopg.Connection[Any], schema_name: str = "public") -> Snapshot:
+    """:func:`snapshot` over an open connection (saves a connection per call in loops)."""
+    state: Snapshot = {}
+    for table in TABLES:
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        rows = cur.execute(f'SELECT * FROM "{schema_name}"."{table}" ORDER BY id').fetchall()
+        state[table] = rows
+    return state
 
 
 def execute(url: str, sql: str, params: Any = None) -> None:
     """Run one statement in its own committed transaction."""
     with psycopg.connect(_plain(url), autocommit=True) as conn:
         conn.execute(sql, params)
+
+
+@dataclass(frozen=True)
+class PasswordServer:
+    """An embedded PostgreSQL where every role but ``postgres`` must give its password."""
+
+    admin_url: str
+    log_path: Path
+
+    def create_role(self, role: str, password: str, *, superuser: bool = False) -> None:
+        kind = "SUPERUSER" if superuser else ""
+        execute(self.admin_url, f"CREATE ROLE \"{role}\" LOGIN {kind} PASSWORD '{password}'")
+
+    def url(self, role: str, password: str, database: str = "postgres") -> str:
+        """``postgresql://role:password@/database?host=<socket dir>&port=N``."""
+        parsed = psycopg_url(self.admin_url).set(
+            username=role, password=password, database=database
+        )
+        return _plain(parsed.render_as_string(hide_password=False))
+
+    def auth_failures(self, role: str) -> int:
+        """How many times the server refused ``role``'s password (from its log)."""
+        needle = f'password authentication failed for user "{role}"'
+        return self.log_path.read_text(errors="replace").count(needle)
+
+
+@contextmanager
+def password_server() -> Iterator[PasswordServer]:
+    """A private embedded server with password (SCRAM) authentication for all but postgres.
+
+    The shared test server trusts every local connection, so a wrong password would go
+    unnoticed there. This one is ours alone, so changing its pg_hba.conf is fine.
+    """
+    from session_cleanup_dagster.embedded import embedded_postgres
+
+    with embedded_postgres() as server:
+        (server.data_dir / "pg_hba.conf").write_text(
+            "local all postgres trust\nlocal all all scram-sha-256\n"
+        )
+        execute(server.admin_url, "SELECT pg_reload_conf()")
+        yield PasswordServer(admin_url=server.admin_url, log_path=server.data_dir / "log")

@@ -1,0 +1,41 @@
+-- The database role session_cleanup_job runs as: only the privileges it needs, nothing more.
+--
+-- Run this as the owner of the app's tables (or a superuser) in the app's database, e.g.
+--   psql "$OWNER_URL" -f docs/grants.sql
+--   psql "$OWNER_URL" -c '\password session_cleanup'
+-- then put that role and password in APP_DATABASE_URL. For another role name or schema,
+-- replace "session_cleanup" or "public" throughout (the tests do exactly that).
+--
+-- What the job does with each privilege:
+--   * after_hours_sessions: reads id, expires_at, ended_at; sets ended_at. UPDATE (ended_at)
+--     also covers the row lock (SELECT ... FOR NO KEY UPDATE) each batch takes.
+--   * after_hours_declines, device_fingerprints: read the columns of the condition and the
+--     row address (ctid, the heap walk); DELETE. PostgreSQL requires UPDATE on at least one
+--     column for SELECT ... FOR UPDATE even when the next statement is a DELETE, so UPDATE is
+--     granted on the id column only (the job never updates it).
+--   * no access at all to users, nor to the columns that hold personal data (coordinates,
+--     fingerprint hashes, user ids): the job never reads them, so it cannot leak them.
+-- No INSERT, no TRUNCATE, no REFERENCES, no TRIGGER, no DDL, no CREATE on the schema.
+
+CREATE ROLE session_cleanup LOGIN NOINHERIT;
+
+DO $grant$
+BEGIN
+    -- The database name differs per installation; CONNECT is usually granted to PUBLIC
+    -- already, this makes it explicit where PUBLIC's CONNECT has been revoked.
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO session_cleanup', current_database());
+END
+$grant$;
+
+GRANT USAGE ON SCHEMA public TO session_cleanup;
+
+GRANT SELECT (id, expires_at, ended_at) ON public.after_hours_sessions TO session_cleanup;
+GRANT UPDATE (ended_at) ON public.after_hours_sessions TO session_cleanup;
+
+GRANT SELECT (id, created_at, ctid) ON public.after_hours_declines TO session_cleanup;
+GRANT UPDATE (id) ON public.after_hours_declines TO session_cleanup;
+GRANT DELETE ON public.after_hours_declines TO session_cleanup;
+
+GRANT SELECT (id, session_id, created_at, ctid) ON public.device_fingerprints TO session_cleanup;
+GRANT UPDATE (id) ON public.device_fingerprints TO session_cleanup;
+GRANT DELETE ON public.device_fingerprints TO session_cleanup;
