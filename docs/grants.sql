@@ -29,7 +29,7 @@ $grant$;
 
 GRANT USAGE ON SCHEMA public TO session_cleanup;
 
-GRANT SELECT (id, expires_at, ended_at) ON public.after_hours_sessions TO session_cleanup;
+GRANT SELECT (id, expires_at, ended_at, ctid) ON public.after_hours_sessions TO session_cleanup;
 GRANT UPDATE (ended_at) ON public.after_hours_sessions TO session_cleanup;
 
 GRANT SELECT (id, created_at, ctid) ON public.after_hours_declines TO session_cleanup;

@@ -44,6 +44,8 @@ NEEDS: dict[str, tuple[Need, ...]] = {
                 ("id", "SELECT"),
                 ("expires_at", "SELECT"),
                 ("ended_at", "SELECT"),
+                # The batch updates the rows it locked by their row address (ctid).
+                ("ctid", "SELECT"),
                 ("ended_at", "UPDATE"),
             ),
         ),

@@ -84,6 +84,7 @@ def test_grants_sql_gives_only_what_the_job_needs(app_url: str, role: str) -> No
         ("column", "after_hours_sessions", "id", "SELECT"),
         ("column", "after_hours_sessions", "expires_at", "SELECT"),
         ("column", "after_hours_sessions", "ended_at", "SELECT"),
+        ("column", "after_hours_sessions", "ctid", "SELECT"),
         ("column", "after_hours_sessions", "ended_at", "UPDATE"),
         ("column", "after_hours_declines", "id", "SELECT"),
         ("column", "after_hours_declines", "created_at", "SELECT"),
@@ -188,15 +189,29 @@ def test_each_missing_privilege_fails_fast_naming_the_grant(
             expected = getattr(model, op)(expected, T)
     assert pg.snapshot(app_url) == expected
     # The check is honest: without it, PostgreSQL itself refuses the step's statements.
+    # UPDATE (id) is what row locks need; the heap walks lock rows (FOR UPDATE SKIP LOCKED)
+    # only when a plain batch meets a row the app holds, so hold one to take that path.
+    held = _ELIGIBLE_ROW.get(table) if (privilege, column) == ("UPDATE", "id") else None
     engine = pg.engine(as_role(app_url, role))
     try:
-        for op in OPS:
-            if _needs(op, table, privilege, column):
-                with pytest.raises(sqlalchemy.exc.ProgrammingError) as raised:
-                    _call_step(op, engine)
-                assert isinstance(raised.value.orig, psycopg.errors.InsufficientPrivilege)
+        with psycopg.connect(app_url) as app:
+            if held is not None:
+                app.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", (held,))
+            for op in OPS:
+                if _needs(op, table, privilege, column):
+                    with pytest.raises(sqlalchemy.exc.ProgrammingError) as raised:
+                        _call_step(op, engine)
+                    assert isinstance(raised.value.orig, psycopg.errors.InsufficientPrivilege)
+            app.rollback()
     finally:
         engine.dispose()
+
+
+# One row of each table that the cleanup deletes at T (see tests/data.py).
+_ELIGIBLE_ROW = {
+    "after_hours_declines": data.uid(201),
+    "device_fingerprints": data.uid(301),
+}
 
 
 def test_missing_schema_usage_fails_fast_naming_the_grant(app_url: str, role: str) -> None:
