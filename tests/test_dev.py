@@ -41,7 +41,7 @@ def test_sigterm_during_a_run_cancels_it_and_leaves_nothing_running(
     env["DAGSTER_PG_URL"] = storage_url
     log = (tmp_path / "dev.log").open("w+")
     proc = subprocess.Popen(
-        [str(BIN / "session-cleanup"), "dev", "--port", "0", "--users", "400"],
+        [str(BIN / "session-cleanup"), "dev", "--port", "0", "--users", "4000"],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -57,8 +57,8 @@ def test_sigterm_during_a_run_cancels_it_and_leaves_nothing_running(
             interval=0.5,
         )
         stack = Stack(home=tmp_path, env=env, port=int(url.group(2)))
-        # Batches of one: expire_sessions has 300 due rows, several seconds of work.
-        run_id = stack.submit(per_op={"expire_sessions": {"batch_size": 1}})
+        # Fixed batches of one: expire_sessions has 3000 due rows, many seconds of work.
+        run_id = stack.submit(per_op={"expire_sessions": {"batch_size": 1, "target_batch_ms": 0}})
         stack.wait_status(run_id, {"STARTED"}, timeout=60)
         time.sleep(1.0)
         assert stack.status(run_id) == "STARTED"
