@@ -7,6 +7,7 @@ the test server (so the run's final status can be read after the stack is gone).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -78,8 +79,18 @@ def test_sigterm_during_a_run_cancels_it_and_leaves_nothing_running(
         print(f"\n[timing] SIGTERM -> dev exited: {time.monotonic() - asked:.1f} s")
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            # A failed assertion above: let dev shut its stack down in order, and if it does
+            # not, kill every descendant (webserver and daemon run in process groups of their
+            # own, so killing dev's group alone would leave them running).
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                descendants = psutil.Process(proc.pid).children(recursive=True)
+                for child in [psutil.Process(proc.pid), *descendants]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+                proc.wait(10)
         log.close()
     out = _text(tmp_path)
     assert f"Run {run_id}: CANCELED" in out, out
