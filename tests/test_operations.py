@@ -32,6 +32,7 @@ from tests.stack import (
     dagster_home,
     free_port,
     instance,
+    running_stack,
     wait_for,
     worker_pid,
 )
@@ -130,13 +131,8 @@ def env(admin_url: str, alerts: AlertServer) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def stack(env: dict[str, str]) -> Iterator[Stack]:
-    with dagster_home(env) as home:
-        running = Stack(home=home, env=env)
-        try:
-            running.start()
-            yield running
-        finally:
-            running.stop()
+    with dagster_home(env) as home, running_stack(env, home) as running:
+        yield running
 
 
 @pytest.fixture
