@@ -9,10 +9,10 @@
 -- What the job does with each privilege:
 --   * after_hours_sessions: reads id, expires_at, ended_at; sets ended_at. UPDATE (ended_at)
 --     also covers the row lock (SELECT ... FOR NO KEY UPDATE) each batch takes.
---   * after_hours_declines, device_fingerprints: read the columns of the condition and the
---     row address (ctid, the heap walk); DELETE. PostgreSQL requires UPDATE on at least one
---     column for SELECT ... FOR UPDATE even when the next statement is a DELETE, so UPDATE is
---     granted on the id column only (the job never updates it).
+--   * after_hours_declines, device_fingerprints: read the columns of the condition (and, for
+--     declines, the row address ctid, which the heap walk pages through); DELETE. PostgreSQL
+--     requires UPDATE on at least one column for SELECT ... FOR UPDATE even when the next
+--     statement is a DELETE, so UPDATE is granted on the id column only (never updated).
 --   * no access at all to users, nor to the columns that hold personal data (coordinates,
 --     fingerprint hashes, user ids): the job never reads them, so it cannot leak them.
 -- No INSERT, no TRUNCATE, no REFERENCES, no TRIGGER, no DDL, no CREATE on the schema.
@@ -36,6 +36,6 @@ GRANT SELECT (id, created_at, ctid) ON public.after_hours_declines TO session_cl
 GRANT UPDATE (id) ON public.after_hours_declines TO session_cleanup;
 GRANT DELETE ON public.after_hours_declines TO session_cleanup;
 
-GRANT SELECT (id, session_id, created_at, ctid) ON public.device_fingerprints TO session_cleanup;
+GRANT SELECT (id, session_id, created_at) ON public.device_fingerprints TO session_cleanup;
 GRANT UPDATE (id) ON public.device_fingerprints TO session_cleanup;
 GRANT DELETE ON public.device_fingerprints TO session_cleanup;

@@ -57,7 +57,8 @@ class CleanupConfig(dg.Config):  # type: ignore[misc]
         default=50_000,
         description=(
             f"Most rows per batch (1 to {MAX_BATCH_SIZE}); each batch is one transaction. "
-            "Below this, batches are sized by target_batch_ms."
+            "Below this, batches are sized by target_batch_ms. (remove_orphan_fingerprints "
+            "counts fingerprints walked, and a batch also takes the rest of its last session's.)"
         ),
     )
     target_batch_ms: int = Field(

@@ -67,7 +67,6 @@ NEEDS: dict[str, tuple[Need, ...]] = {
                 ("id", "SELECT"),
                 ("session_id", "SELECT"),
                 ("created_at", "SELECT"),
-                ("ctid", "SELECT"),
                 ("id", "UPDATE"),
             ),
         ),
@@ -86,6 +85,11 @@ INDEXES: dict[str, tuple[tuple[str, str, str], ...]] = {
     ),
     "remove_orphan_fingerprints": (
         (t.SESSIONS, "id", f"ALTER TABLE {t.SESSIONS} ADD PRIMARY KEY (id)"),
+        (
+            t.FINGERPRINTS,
+            "session_id",
+            f"CREATE INDEX CONCURRENTLY ON {t.FINGERPRINTS} (session_id)",
+        ),
     ),
 }
 

@@ -11,10 +11,12 @@ too long. Only one batch of ids (usually none) is ever in the client. The walk n
 rescans what it has passed, so the total work is linear in the table size even where no
 index serves the condition:
 
-- ``purge_declines`` and ``remove_orphan_fingerprints`` walk the heap in physical order by
-  windows of ``ctid`` pages (TID range scans, PostgreSQL 14+). The app has no index on
-  ``after_hours_declines.created_at``, so ``WHERE created_at < x LIMIT n`` re-run per batch
-  would rescan the already-cleaned prefix every time: quadratic. See ``_HeapWalk``.
+- ``purge_declines`` walks the heap in physical order by windows of ``ctid`` pages (TID
+  range scans, PostgreSQL 14+). The app has no index on ``after_hours_declines.created_at``,
+  so ``WHERE created_at < x LIMIT n`` re-run per batch would rescan the already-cleaned
+  prefix every time: quadratic. See ``_HeapWalk``.
+- ``remove_orphan_fingerprints`` walks the index on ``session_id`` by key ranges, so its
+  probes of the sessions' primary key run in key order. See ``_OrphanKeyWalk``.
 - ``expire_sessions`` walks the partial index on open sessions, keyset on (expires_at, id),
   when few sessions are due, and the heap like the others when many are (``_ExpireChoice``).
 
@@ -423,7 +425,7 @@ def _sample_array(source: Any, want: int) -> sa.ScalarSelect[Any]:
     return sa.select(sa.func.array_agg(ids.c.id)).scalar_subquery()
 
 
-# --- purge_declines and remove_orphan_fingerprints: one pass over the heap by ctid ----------
+# --- purge_declines (and expire_sessions' backlogs): one pass over the heap by ctid ---------
 
 
 class _Overflow(Exception):
@@ -458,7 +460,6 @@ class _HeapWalk:
         table: sa.Table,
         condition: Sequence[sa.ColumnElement[bool]],
         options: StepOptions,
-        planner: Sequence[str] = (),
         values: dict[str, Any] | None = None,
     ) -> None:
         self.table = table
@@ -466,7 +467,6 @@ class _HeapWalk:
         # columns locks FOR NO KEY UPDATE, which the app's foreign-key checks do not conflict
         # with.
         self.values = values
-        self.planner = [sa.text(f"SET LOCAL {name} = off") for name in planner]
         self.condition = list(condition)
         self.ctid = _ctid()
         # The walk has passed everything up to here (exclusive): (page, item), and item 0
@@ -540,7 +540,6 @@ class _HeapWalk:
         runner, elapsed = _timed(engine)
         try:
             with runner as conn:
-                self._plan(conn)
                 if dry_run:
                     # Counting changes nothing, so a dry batch takes the whole window.
                     source: Any = sa.select(self.table.c.id).where(*where).cte("matched")
@@ -628,10 +627,6 @@ class _HeapWalk:
         ).one()
         return int(row[0]), int(row[1]), list(row[2] or []), row[3]
 
-    def _plan(self, conn: sa.Connection) -> None:
-        for statement in self.planner:
-            conn.execute(statement)
-
     def _fall_back(self, pages: int) -> _Batch:
         """Walk this window the careful way (or a smaller window, if it was just too full)."""
         self.careful_until = self.position[0] + pages
@@ -651,7 +646,6 @@ class _HeapWalk:
         )
         runner, elapsed = _timed(engine)
         with runner as conn:
-            self._plan(conn)
             rows = conn.execute(query).all()
             ids = [row.id for row in rows]
             changed = 0
@@ -690,6 +684,151 @@ class _HeapWalk:
         progress.unit = "pages"
         progress.done_units = min(self.position[0], self.end_page)
         progress.total_units = self.end_page
+
+
+# --- remove_orphan_fingerprints: keyset over the index on session_id ------------------------
+
+
+class _OrphanKeyWalk:
+    """Walks fingerprints in ``session_id`` order, a key range per batch, probing in key order.
+
+    The one-statement limit finds orphans with a hash anti-join that reads every session once.
+    A batch cannot do that (it would read every session once per batch). Probing the sessions'
+    primary key for each fingerprint in physical order (the heap walk) touches its leaf pages
+    at random, once per probe, and measured at a third of the limit's rows/s. Taken in
+    ``session_id`` order instead, the probes walk the primary key from left to right (an
+    index-only scan where the visibility map allows), so each leaf page is read once per
+    batch, as in a merge, and each batch costs only its own key range.
+
+    Each batch is one transaction of two statements: the upper end of the next range of
+    ``limit`` fingerprints (``ORDER BY session_id OFFSET limit-1 LIMIT 1``, on the index),
+    then one statement that lists the range's missing session ids and deletes their due
+    fingerprints, re-checking the whole condition on each row. A range ends at a session
+    boundary: every fingerprint of its last session id is in it, so a batch can hold more than
+    ``limit`` rows by the fingerprints that share that id. The plan is pinned (``SET LOCAL``)
+    to the index range and nested-loop probes: a seq scan, hash or merge join, which the
+    planner may prefer for a large range, reads a whole table per batch. The statement runs
+    under a short ``lock_timeout``; if the app holds one of its rows locked, the range is
+    redone locking rows ``FOR UPDATE SKIP LOCKED`` (locked rows are left for the next run).
+
+    Needs an index that leads with ``session_id`` (the reference schema has one; the step's
+    prerequisites check for it).
+    """
+
+    # A seq scan, hash or merge join reads the whole table for a range; a bitmap scan, which
+    # reads the orphans' pages in physical order, is fine.
+    PLAN = ("enable_seqscan", "enable_hashjoin", "enable_mergejoin")
+
+    def __init__(
+        self,
+        table: sa.Table,
+        condition: Sequence[sa.ColumnElement[bool]],
+        orphan: sa.ColumnElement[bool],
+        options: StepOptions,
+    ) -> None:
+        self.table = table
+        self.key = table.c.session_id
+        # The whole condition, and its part "no session has this id".
+        self.condition = list(condition)
+        self.orphan = orphan
+        self.low: Any = None  # every session_id up to here (inclusive) is done
+        self.seen = 0
+        self.total: int | None = None
+        self.pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
+
+    def start(self, conn: sa.Connection) -> None:
+        name = t.qualified_name(conn, self.table)
+        estimate = conn.execute(
+            sa.text("SELECT reltuples FROM pg_class WHERE oid = CAST(:name AS regclass)"),
+            {"name": name},
+        ).scalar_one()
+        self.total = int(estimate) if estimate and estimate > 0 else None
+
+    def _range(self, high: Any) -> list[sa.ColumnElement[bool]]:
+        bounds = [self.key.is_not(None)] if high is None else [self.key <= high]
+        if self.low is not None:
+            bounds.append(self.key > self.low)
+        return bounds
+
+    def _upper(self, conn: sa.Connection, limit: int) -> Any:
+        """The ``limit``-th next key, or None when fewer than ``limit`` remain."""
+        query = sa.select(self.key).where(self.key.is_not(None))
+        if self.low is not None:
+            query = query.where(self.key > self.low)
+        return conn.execute(query.order_by(self.key).offset(limit - 1).limit(1)).scalar()
+
+    def _begin(self, conn: sa.Connection) -> None:
+        for name in self.PLAN:
+            conn.execute(sa.text(f"SET LOCAL {name} = off"))
+        conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
+
+    def run_batch(
+        self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
+    ) -> _Batch:
+        limit = min(self.pace.size, cap)
+        careful = False
+        while True:
+            runner, elapsed = _timed(engine)
+            try:
+                with runner as conn:
+                    self._begin(conn)
+                    # The range ends at the limit-th next key (and takes every fingerprint
+                    # of that session), or, near the end, at the end of the index.
+                    high = self._upper(conn, limit)
+                    # First the range's orphaned session ids, from the two indexes alone
+                    # (index-only scans where the visibility map allows): no fingerprint
+                    # row is read unless its session is missing. Inside a DELETE the
+                    # probes could not be index-only (the planner keeps the probed rows'
+                    # ctids for rechecks), so this is a plain query in the same statement.
+                    missing = sa.select(self.key).where(*self._range(high), self.orphan)
+                    where = [
+                        self.key == sa.any_(sa.func.array(missing.scalar_subquery())),
+                        *self.condition,
+                    ]
+                    if dry_run:
+                        source: Any = sa.select(self.table.c.id).where(*where).cte("matched")
+                    elif careful:
+                        locked = (
+                            sa.select(self.table.c.id)
+                            .where(*where)
+                            .with_for_update(skip_locked=True, of=self.table)
+                            .cte("locked")
+                        )
+                        source = (
+                            sa.delete(self.table)
+                            .where(self.table.c.id.in_(sa.select(locked.c.id)), *where)
+                            .returning(self.table.c.id)
+                            .cte("deleted")
+                        )
+                    else:
+                        # The whole condition is checked on each row as it is deleted.
+                        source = (
+                            sa.delete(self.table)
+                            .where(*where)
+                            .returning(self.table.c.id)
+                            .cte("deleted")
+                        )
+                    changed, samples = conn.execute(_count_and_sample(source, want_samples)).one()
+                    if not dry_run:
+                        check(changed)
+            except sa.exc.OperationalError as exc:
+                if careful or not _is_lock_conflict(exc):
+                    raise
+                careful = True
+                continue
+            break
+        if high is None:
+            self.seen = max(self.seen, self.total or 0)
+            return _Batch(int(changed), [str(i) for i in samples or []], False)
+        self.pace.observe(limit, elapsed())
+        self.seen += limit
+        self.low = high
+        return _Batch(int(changed), [str(i) for i in samples or []], True)
+
+    def progress(self, progress: Progress) -> None:
+        progress.unit = "rows"
+        progress.done_units = self.seen
+        progress.total_units = max(self.total or 0, self.seen) or None
 
 
 def _is_lock_conflict(exc: sa.exc.OperationalError) -> bool:
@@ -757,10 +896,7 @@ def remove_orphan_fingerprints(
         f.c.created_at < cutoff - grace,
         ~sa.select(s.c.id).where(s.c.id == f.c.session_id).exists(),
     ]
-    # Per window, the planner prefers a hash anti-join, which reads every session to build its
-    # hash: the whole sessions table once per batch, quadratic overall. Probing the primary
-    # key for the window's rows keeps each batch proportional to its window.
-    walk = _HeapWalk(f, orphan, options, planner=("enable_hashjoin", "enable_mergejoin"))
+    walk = _OrphanKeyWalk(f, orphan, orphan[-1], options)
     return _walk(engine, "remove_orphan_fingerprints", walk, cutoff, options, before_batch)
 
 

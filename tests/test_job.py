@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from session_cleanup_dagster.definitions import defs
 from tests import data, model, pg
@@ -112,12 +113,41 @@ def test_missing_table_fails_at_once_and_names_it(app_url: str) -> None:
     assert result.is_node_success("expire_sessions")
 
 
-def test_missing_index_fails_fast_and_says_how_to_create_it(app_url: str) -> None:
-    pg.execute(app_url, "DROP INDEX after_hours_sessions_open_expires_idx")
+@pytest.mark.parametrize(
+    ("index", "op", "table", "column"),
+    [
+        (
+            "after_hours_sessions_open_expires_idx",
+            "expire_sessions",
+            "after_hours_sessions",
+            "expires_at",
+        ),
+        (
+            "device_fingerprints_session_id_idx",
+            "remove_orphan_fingerprints",
+            "device_fingerprints",
+            "session_id",
+        ),
+    ],
+)
+def test_missing_index_fails_fast_and_says_how_to_create_it(
+    app_url: str, index: str, op: str, table: str, column: str
+) -> None:
+    data.boundaries(app_url)
+    pg.execute(app_url, f"DROP INDEX {index}")
+    before = pg.snapshot(app_url)
     result = run_job(app_url, partition_key="2026-11-27")
-    message = failure_message(result, "expire_sessions")
-    assert "no index on public.after_hours_sessions starts with expires_at" in message
-    assert "CREATE INDEX CONCURRENTLY" in message
+    message = failure_message(result, op)
+    assert f"no index on public.{table} starts with {column}" in message
+    assert f"CREATE INDEX CONCURRENTLY ON {table} ({column}" in message
+    assert attempts(result, op) == 1
+    # The other two steps ran; the one without its index changed nothing.
+    expected = before
+    for other in ("expire_sessions", "purge_declines", "remove_orphan_fingerprints"):
+        if other != op:
+            assert result.is_node_success(other), other
+            expected = getattr(model, other)(expected, T)
+    assert pg.snapshot(app_url) == expected
 
 
 def test_wrong_column_type_fails_before_any_change(app_url: str) -> None:

@@ -93,7 +93,6 @@ def test_grants_sql_gives_only_what_the_job_needs(app_url: str, role: str) -> No
         ("column", "device_fingerprints", "id", "SELECT"),
         ("column", "device_fingerprints", "session_id", "SELECT"),
         ("column", "device_fingerprints", "created_at", "SELECT"),
-        ("column", "device_fingerprints", "ctid", "SELECT"),
         ("column", "device_fingerprints", "id", "UPDATE"),
     }
 

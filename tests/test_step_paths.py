@@ -95,3 +95,30 @@ def test_safety_cap_on_a_heap_walk_commits_nothing_past_max_rows(app_url: str) -
     engine.dispose()
     assert raised.value.changed <= due - 1
     assert due - left == raised.value.changed
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 50_000])
+def test_orphan_walk_takes_every_fingerprint_of_a_session_whatever_the_batch_size(
+    app_url: str, batch_size: int
+) -> None:
+    # Fingerprints sharing a session id sit side by side in the session_id index, so a
+    # range ending inside such a run must take the rest of it, or skip it.
+    data.boundaries(app_url)
+    hour = timedelta(hours=1)
+    for n in range(40):
+        missing = data.uid(900_000 + n // 4)  # orphans, four per missing session
+        data.insert_fingerprint(app_url, data.uid(910_000 + n), missing, T - (1 + n % 3) * hour)
+        live = data.uid(102) if n % 2 else None  # a live session, and no session at all
+        data.insert_fingerprint(app_url, data.uid(920_000 + n), live, T - 5 * hour)
+    before = pg.snapshot(app_url)
+    assert _units(app_url, "remove_orphan_fingerprints", StepOptions(dry_run=True)) == {"rows"}
+    engine = pg.engine(app_url)
+    try:
+        result = steps.remove_orphan_fingerprints(engine, T, StepOptions(batch_size=batch_size))
+    finally:
+        engine.dispose()
+    expected = model.remove_orphan_fingerprints(before, T)
+    assert pg.snapshot(app_url) == expected
+    assert result.changed == len(before["device_fingerprints"]) - len(
+        expected["device_fingerprints"]
+    )
