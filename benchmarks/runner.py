@@ -163,6 +163,11 @@ def measure(
             result["zero_row_runs"] = [
                 run_child("job", url, options.guard_s) for _ in range(options.overhead_runs)
             ]
+            # And the limit's three statements on that copy: what merely finding that nothing
+            # is due costs the database, the floor under any zero-row run.
+            result["zero_row_limit_runs"] = [
+                run_child("limit", url, options.guard_s) for _ in range(options.overhead_runs)
+            ]
     return result
 
 
