@@ -23,6 +23,14 @@ GROUP = "app_database"
 OWNERS_ENV = "SESSION_CLEANUP_ASSET_OWNERS"
 DEFAULT_OWNERS = ("team:platform",)
 
+# Inside a cleanup run the backlog is counted exactly only on a table this small; a larger one
+# is estimated from a sample of this many pages. An exact count of a large table is one long
+# read (a hash anti-join over every session, for the orphans: most of a second at L) and
+# would be the run's longest transaction, longer than any batch. The SLO checks, a separate
+# job, count exactly up to their own exact_max_pages (1 GiB by default).
+REPORT_EXACT_MAX_PAGES = 256
+REPORT_SAMPLE_PAGES = 256
+
 STEP_TABLES = {
     "expire_sessions": t.SESSIONS,
     "purge_declines": t.DECLINES,
@@ -122,8 +130,28 @@ def report_step(
     source: str,
     **step_kwargs: Any,
 ) -> None:
-    """Count the backlog the step left (see backlog.py for its cost) and log the event."""
-    with engine.connect() as conn:
-        left = backlog.probe(conn, result.step, result.cutoff, schema=schema, **step_kwargs)
+    """Count the backlog the step left (see backlog.py for its cost) and log the event.
+
+    A dry run has just counted what still matches, exactly, by the step's own walk; a real
+    run counts what it left with a bounded probe (exact on a small table, else a sample).
+    """
+    if result.dry_run:
+        left = backlog.Count(
+            rows=result.changed,
+            exact=True,
+            capped=False,
+            method="exact, counted by the dry run's own walk",
+        )
+    else:
+        with engine.connect() as conn:
+            left = backlog.probe(
+                conn,
+                result.step,
+                result.cutoff,
+                schema=schema,
+                exact_max_pages=REPORT_EXACT_MAX_PAGES,
+                sample_pages=REPORT_SAMPLE_PAGES,
+                **step_kwargs,
+            )
     context.log.info("%s: backlog %d rows (%s)", result.step, left.rows, left.method)
     record_step(context, result, left, source)

@@ -1,5 +1,7 @@
 """A real Dagster stack for tests: dagster-daemon and dagster-webserver as separate processes.
 
+The one harness behind the operations, deployment, dev and browser tests.
+
 They run with the repo's dagster.yaml (copied into a temporary DAGSTER_HOME) and
 workspace.yaml, against Postgres run storage in a scratch database, and are driven through
 GraphQL (``dagster_graphql.DagsterGraphQLClient`` plus a few raw queries), as an operator's
@@ -164,7 +166,7 @@ class Stack:
 
     def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
         response = requests.post(
-            f"http://127.0.0.1:{self.port}/graphql",
+            f"{self.url}/graphql",
             json={"query": query, "variables": variables or {}},
             timeout=30,
         )
@@ -245,13 +247,46 @@ class Stack:
         results = data["terminateRuns"]["terminateRunResults"]
         assert [r["__typename"] for r in results] == ["TerminateRunSuccess"], results
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self, job: str = JOB) -> list[dict[str, Any]]:
+        """The job's runs, newest first."""
         data = self.graphql(
-            """{ runsOrError(filter: {pipelineName: "session_cleanup_job"}) { ... on Runs {
+            """query($job: String!) { runsOrError(filter: {pipelineName: $job}) { ... on Runs {
                  results { runId status rootRunId parentRunId startTime endTime
-                           tags { key value } } } } }"""
+                           tags { key value } } } } }""",
+            {"job": job},
         )
         return list(data["runsOrError"]["results"])
+
+    def wait_for_runs(self, job: str, count: int, timeout: float = 180.0) -> list[dict[str, Any]]:
+        """Wait until ``job`` has ``count`` finished runs; return the finished ones."""
+        return list(
+            wait_for(
+                f"{count} finished runs of {job}",
+                lambda: (
+                    len(done := [r for r in self.runs(job) if r["status"] in TERMINAL]) >= count
+                    and done
+                ),
+                timeout,
+                interval=1.0,
+            )
+        )
+
+    def wait_for_backfills(self, timeout: float = 180.0) -> list[str]:
+        """Wait until every backfill has completed (the daemon marks it); return statuses."""
+
+        def completed() -> list[str]:
+            data = self.graphql(
+                "{ partitionBackfillsOrError { ... on PartitionBackfills { results { status } } } }"
+            )
+            statuses = [b["status"] for b in data["partitionBackfillsOrError"]["results"]]
+            done = statuses and all(s.startswith("COMPLETED") for s in statuses)
+            return statuses if done else []
+
+        return list(wait_for("every backfill to complete", completed, timeout, interval=1.0))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
 
 @contextmanager

@@ -99,6 +99,28 @@ def test_dry_run_records_observations_only_and_never_rows_changed(app_url: str) 
             assert meta["dry_run"] is True
             assert "rows_changed" not in meta and "duration_s" not in meta
             assert (meta["would_change"], meta["backlog_rows"]) == (due, due)
+            assert meta["backlog_method"] == "exact, counted by the dry run's own walk"
+
+
+def test_in_a_run_a_large_table_s_backlog_is_estimated_from_a_bounded_sample(
+    app_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inside the cleanup run, an exact count of a large table would be one long read; past
+    # REPORT_EXACT_MAX_PAGES the run estimates from a sample (here: any table is "large").
+    monkeypatch.setattr(assets, "REPORT_EXACT_MAX_PAGES", 0)
+    data.boundaries(app_url)
+    before = pg.snapshot(app_url)
+    with dg.instance_for_test() as instance:
+        assert run_job(app_url, partition_key="2026-11-27", instance=instance).success
+        assert pg.snapshot(app_url) == model.cleanup(before, T)
+        for op in ("purge_declines", "remove_orphan_fingerprints"):
+            [meta] = _events(instance, KEYS[op], "m")
+            assert meta["backlog_exact"] is False
+            assert "page sample" in meta["backlog_method"]
+            assert meta["backlog_rows"] == 0
+        # The sessions are counted on their partial index: exact at any size.
+        [meta] = _events(instance, KEYS["expire_sessions"], "m")
+        assert meta["backlog_exact"] is True
 
 
 def test_dry_run_job_forces_dry_run_and_its_default_config_is_complete(app_url: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.ui_stack import free_port
+from tests.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
