@@ -18,6 +18,9 @@ from typing import Any
 import psycopg
 
 STEPS = ("expire_sessions", "purge_declines", "remove_orphan_fingerprints")
+# The order the job runs its ops in (ops.py: the orphans first); the limit and the step
+# functions run in it too, so every approach meets the same table states.
+JOB_ORDER = ("remove_orphan_fingerprints", "expire_sessions", "purge_declines")
 APPROACHES = ("old", "limit", "job", "steps")
 LABELS = {
     "old": "the old worker's statements (RETURNING id, NOT IN)",
@@ -74,7 +77,11 @@ def _limit_sql() -> list[tuple[str, str]]:
 def run_statements(url: str, cutoff: datetime, guard_s: float, old: bool) -> dict[str, Any]:
     """One statement per step, each its own transaction, under a statement_timeout guard."""
     steps: dict[str, Any] = {}
-    statements = _old_sql("t") if old else _limit_sql()
+    if old:
+        statements = _old_sql("t")  # the old worker's order
+    else:
+        by_step = dict(_limit_sql())
+        statements = [(step, by_step[step]) for step in JOB_ORDER]
     with psycopg.connect(url, application_name=APP_NAME) as conn:
         conn.execute(f"SET statement_timeout = {int(guard_s * 1000)}")
         conn.commit()
@@ -102,7 +109,7 @@ def run_steps(url: str, cutoff: datetime) -> dict[str, Any]:
     engine = make_engine(url, application_name=APP_NAME)
     out: dict[str, Any] = {}
     try:
-        for step in STEPS:
+        for step in JOB_ORDER:
             marks: list[float] = []
             started = time.monotonic()
             result = getattr(s, step)(engine, cutoff, before_batch=_marker(marks))

@@ -36,6 +36,18 @@ def test_partitioned_run_uses_the_partition_end_as_cutoff(app_url: str) -> None:
     assert output_metadata(result, "remove_orphan_fingerprints")["rows_changed"] == 2
 
 
+def test_the_orphan_step_runs_before_expire_sessions_rewrites_session_rows(app_url: str) -> None:
+    # Its probes of the sessions' primary key stay index-only only until expire_sessions
+    # rewrites session rows (ops.py); the in-process executor honours dagster/priority.
+    data.boundaries(app_url)
+    result = run_job(app_url, partition_key="2026-11-27")
+    assert result.success
+    started = [
+        event.step_key for event in result.all_events if event.event_type_value == "STEP_START"
+    ]
+    assert started == ["remove_orphan_fingerprints", "expire_sessions", "purge_declines"]
+
+
 def test_output_metadata_has_counts_batches_cutoff_duration_rate(app_url: str) -> None:
     data.boundaries(app_url)
     result = run_job(app_url, partition_key="2026-11-27")
