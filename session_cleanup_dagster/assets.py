@@ -25,8 +25,9 @@ DEFAULT_OWNERS = ("team:platform",)
 
 # Inside a cleanup run the backlog is counted exactly only on a table this small; a larger one
 # is estimated from a sample of this many pages. An exact count of a large table is one long
-# read (a hash anti-join over every session, for the orphans: most of a second at L) and
-# would be the run's longest transaction, longer than any batch. The SLO checks, a separate
+# read (a hash anti-join over every session for the orphans; for the sessions, a walk through
+# the partial index entries of every session just ended, 1.0 s at L) and would be the run's
+# longest transaction, longer than any batch. The SLO checks, a separate
 # job, count exactly up to their own exact_max_pages (1 GiB by default).
 REPORT_EXACT_MAX_PAGES = 256
 REPORT_SAMPLE_PAGES = 256
@@ -151,6 +152,7 @@ def report_step(
                 schema=schema,
                 exact_max_pages=REPORT_EXACT_MAX_PAGES,
                 sample_pages=REPORT_SAMPLE_PAGES,
+                sample_indexed=True,
                 **step_kwargs,
             )
     context.log.info("%s: backlog %d rows (%s)", result.step, left.rows, left.method)

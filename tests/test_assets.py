@@ -113,14 +113,11 @@ def test_in_a_run_a_large_table_s_backlog_is_estimated_from_a_bounded_sample(
     with dg.instance_for_test() as instance:
         assert run_job(app_url, partition_key="2026-11-27", instance=instance).success
         assert pg.snapshot(app_url) == model.cleanup(before, T)
-        for op in ("purge_declines", "remove_orphan_fingerprints"):
+        for op in OPS:
             [meta] = _events(instance, KEYS[op], "m")
             assert meta["backlog_exact"] is False
             assert "page sample" in meta["backlog_method"]
             assert meta["backlog_rows"] == 0
-        # The sessions are counted on their partial index: exact at any size.
-        [meta] = _events(instance, KEYS["expire_sessions"], "m")
-        assert meta["backlog_exact"] is True
 
 
 def test_dry_run_job_forces_dry_run_and_its_default_config_is_complete(app_url: str) -> None:
