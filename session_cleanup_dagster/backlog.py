@@ -71,19 +71,6 @@ def _target(
     raise ValueError(f"unknown step {step!r}")
 
 
-def _pages(conn: sa.Connection, table: sa.Table) -> int:
-    # The relation's size on disk right now: a stat of its files, not a scan.
-    return int(
-        conn.execute(
-            sa.text(
-                "SELECT pg_relation_size(CAST(:name AS regclass))"
-                " / current_setting('block_size')::int"
-            ),
-            {"name": t.qualified_name(conn, table)},
-        ).scalar_one()
-    )
-
-
 def probe(
     conn: sa.Connection,
     step: str,
@@ -108,7 +95,7 @@ def probe(
     indexed = sampled_where is None
     if indexed and sample_indexed:
         sampled_where = where
-    pages = 0 if sampled_where is None else _pages(conn, table)
+    pages = 0 if sampled_where is None else t.relation_pages(conn, table)
     if sampled_where is None or pages <= exact_max_pages:
         limited = sa.select(sa.literal(1)).select_from(table).where(*where(table)).limit(cap + 1)
         found = int(

@@ -484,27 +484,11 @@ class _HeapWalk:
         self.careful_until: int | None = None
         self.careful = _Pace(FIRST_BATCH, options.batch_size, self.target_s)
 
-    def _pages(self, conn: sa.Connection) -> int:
-        name = t.qualified_name(conn, self.table)
-        return int(
-            conn.execute(
-                sa.text(
-                    "SELECT pg_relation_size(CAST(:name AS regclass))"
-                    " / current_setting('block_size')::int"
-                ),
-                {"name": name},
-            ).scalar_one()
-        )
-
     def start(self, conn: sa.Connection) -> None:
-        self.end_page = self._pages(conn)
-        name = t.qualified_name(conn, self.table)
-        row = conn.execute(
-            sa.text("SELECT reltuples, relpages FROM pg_class WHERE oid = CAST(:name AS regclass)"),
-            {"name": name},
-        ).one()
-        if row.relpages and row.reltuples and row.reltuples > 0:
-            self.density = max(1.0, float(row.reltuples) / float(row.relpages))
+        self.end_page = t.relation_pages(conn, self.table)
+        tuples, pages = t.planner_estimate(conn, self.table)
+        if pages and tuples > 0:
+            self.density = max(1.0, tuples / pages)
         # The first window holds about one first batch of rows, whatever matches.
         first = FIRST_BATCH if self.target_s else self.rows.most
         self.window.size = max(1, min(MAX_WINDOW_PAGES, math.ceil(first / self.density)))
@@ -674,7 +658,7 @@ class _HeapWalk:
             return False
         self.rechecked_end = True
         with engine.connect() as conn:
-            end = self._pages(conn)
+            end = t.relation_pages(conn, self.table)
         if end > self.end_page:
             self.end_page = end
             return True
@@ -741,17 +725,8 @@ class _OrphanKeyWalk:
         self.pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
 
     def start(self, conn: sa.Connection) -> None:
-        name = t.qualified_name(conn, self.table)
-        estimate = conn.execute(
-            sa.text("SELECT reltuples FROM pg_class WHERE oid = CAST(:name AS regclass)"),
-            {"name": name},
-        ).scalar_one()
-        self.total = int(estimate) if estimate and estimate > 0 else None
-
-    def orphan_of(self, key: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
-        """No session has the id ``key``."""
-        s = self.sessions
-        return ~sa.select(s.c.id).where(s.c.id == key).exists()
+        tuples, _ = t.planner_estimate(conn, self.table)
+        self.total = int(tuples) if tuples > 0 else None
 
     def _begin(self, conn: sa.Connection) -> None:
         for name in self.PLAN:
@@ -774,8 +749,7 @@ class _OrphanKeyWalk:
         # Its session ids that no session has: probes of the sessions' primary key in key
         # order. Inside a DELETE they could not be index-only (the planner keeps each probed
         # row's ctid for rechecks), so they are a plain query here.
-        orphan = self.orphan_of(rng.c.k)
-        missing = sa.select(rng.c.k).where(orphan)
+        missing = sa.select(rng.c.k).where(_no_session(self.sessions, rng.c.k))
         # Every due fingerprint of those sessions, also those past the range's last key
         # (they share it), with the whole condition checked on each row as it is deleted.
         where = [key == sa.any_(sa.func.array(missing.scalar_subquery())), *self.condition]
@@ -835,6 +809,11 @@ class _OrphanKeyWalk:
         progress.unit = "rows"
         progress.done_units = self.seen
         progress.total_units = max(self.total or 0, self.seen) or None
+
+
+def _no_session(sessions: sa.Table, key: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """No session has the id ``key`` (``NOT EXISTS``, a probe of the primary key)."""
+    return ~sa.select(sessions.c.id).where(sessions.c.id == key).exists()
 
 
 def _is_lock_conflict(exc: sa.exc.OperationalError) -> bool:
@@ -900,7 +879,7 @@ def remove_orphan_fingerprints(
     orphan = [
         f.c.session_id.is_not(None),
         f.c.created_at < cutoff - grace,
-        ~sa.select(s.c.id).where(s.c.id == f.c.session_id).exists(),
+        _no_session(s, f.c.session_id),
     ]
     walk = _OrphanKeyWalk(f, s, orphan, options)
     return _walk(engine, "remove_orphan_fingerprints", walk, cutoff, options, before_batch)

@@ -76,3 +76,25 @@ def qualified_name(conn: sa.Connection, table: sa.Table) -> str:
     """``"schema"."table"``, quoted by the dialect, for use as a bound ``regclass`` value."""
     preparer = conn.dialect.identifier_preparer
     return preparer.format_table(table)
+
+
+def relation_pages(conn: sa.Connection, table: sa.Table) -> int:
+    """The table's size in pages right now: a stat of its files, not a scan."""
+    return int(
+        conn.execute(
+            sa.text(
+                "SELECT pg_relation_size(CAST(:name AS regclass))"
+                " / current_setting('block_size')::int"
+            ),
+            {"name": qualified_name(conn, table)},
+        ).scalar_one()
+    )
+
+
+def planner_estimate(conn: sa.Connection, table: sa.Table) -> tuple[float, int]:
+    """``pg_class``'s (reltuples, relpages): the planner's last estimate, negative if none."""
+    row = conn.execute(
+        sa.text("SELECT reltuples, relpages FROM pg_class WHERE oid = CAST(:name AS regclass)"),
+        {"name": qualified_name(conn, table)},
+    ).one()
+    return float(row.reltuples), int(row.relpages)
