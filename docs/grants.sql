@@ -13,9 +13,12 @@
 --     declines, the row address ctid, which the heap walk pages through); DELETE. PostgreSQL
 --     requires UPDATE on at least one column for SELECT ... FOR UPDATE even when the next
 --     statement is a DELETE, so UPDATE is granted on the id column only (never updated).
+--   * TEMPORARY on the database: remove_orphan_fingerprints keeps the session ids it finds
+--     orphaned in a temporary table (its own, on its own connection) until it has deleted
+--     their fingerprints. PostgreSQL grants it to PUBLIC by default; this makes it explicit.
 --   * no access at all to users, nor to the columns that hold personal data (coordinates,
 --     fingerprint hashes, user ids): the job never reads them, so it cannot leak them.
--- No INSERT, no TRUNCATE, no REFERENCES, no TRIGGER, no DDL, no CREATE on the schema.
+-- No INSERT (but into its own temporary table), no TRUNCATE, no REFERENCES, no TRIGGER, no DDL, no CREATE on the schema.
 
 CREATE ROLE session_cleanup LOGIN NOINHERIT;
 
@@ -24,6 +27,7 @@ BEGIN
     -- The database name differs per installation; CONNECT is usually granted to PUBLIC
     -- already, this makes it explicit where PUBLIC's CONNECT has been revoked.
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO session_cleanup', current_database());
+    EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO session_cleanup', current_database());
 END
 $grant$;
 

@@ -74,6 +74,18 @@ NEEDS: dict[str, tuple[Need, ...]] = {
     ),
 }
 
+# Database-level privileges: (privilege, why). PostgreSQL grants TEMPORARY to PUBLIC on every
+# new database, but an installation may revoke it.
+DATABASE_PRIVILEGES: dict[str, tuple[tuple[str, str], ...]] = {
+    "remove_orphan_fingerprints": (
+        (
+            "TEMPORARY",
+            "the step keeps the session ids it finds orphaned in a temporary table, "
+            "on the server, until it has deleted their fingerprints",
+        ),
+    ),
+}
+
 # The indexes that keep a step's total work linear: (table, first column, why).
 INDEXES: dict[str, tuple[tuple[str, str, str], ...]] = {
     "expire_sessions": (
@@ -100,6 +112,8 @@ def check(conn: sa.Connection, step: str, schema: str = "public") -> None:
     _check_schema(conn, step, schema)
     for need in NEEDS[step]:
         _check_table(conn, step, schema, need)
+    for privilege, why in DATABASE_PRIVILEGES.get(step, ()):
+        _check_database(conn, step, privilege, why)
     for table, column, fix in INDEXES.get(step, ()):
         _check_index(conn, step, schema, table, column, fix)
 
@@ -182,6 +196,23 @@ def _check_table(conn: sa.Connection, step: str, schema: str, need: Need) -> Non
         ).scalar_one()
         if not allowed:
             raise _privilege_error(conn, step, qualified, privilege, column)
+
+
+def _check_database(conn: sa.Connection, step: str, privilege: str, why: str) -> None:
+    row = conn.execute(
+        sa.text(
+            "SELECT has_database_privilege(current_database(), :priv) AS allowed,"
+            " current_database() AS db, current_user AS role"
+        ),
+        {"priv": privilege},
+    ).one()
+    if not row.allowed:
+        quoted = '"' + row.db.replace('"', '""') + '"'
+        raise PermanentDatabaseError(
+            f"{step}: role {row.role} lacks {privilege} on database {row.db} ({why}). Fix: "
+            f"GRANT {privilege} ON DATABASE {quoted} TO {row.role}; (docs/grants.sql has "
+            "the full set)."
+        )
 
 
 def _privilege_error(

@@ -227,13 +227,8 @@ def describe_progress(progress: steps.Progress) -> str:
     if progress.total_units and progress.done_units:
         fraction = min(1.0, progress.done_units / progress.total_units)
         left = progress.elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0
-        estimate = (
-            "counted from the partial index on open sessions"
-            if progress.unit == "rows"
-            else "from the table's size in pages at the start"
-        )
         line += (
             f", {fraction:.0%} of {progress.total_units} {progress.unit} "
-            f"({estimate}), about {left:.0f} s left"
+            f"({progress.basis}), about {left:.0f} s left"
         )
     return line

@@ -16,7 +16,8 @@ index serves the condition:
   so ``WHERE created_at < x LIMIT n`` re-run per batch would rescan the already-cleaned
   prefix every time: quadratic. See ``_HeapWalk``.
 - ``remove_orphan_fingerprints`` walks the index on ``session_id`` by key ranges, so its
-  probes of the sessions' primary key run in key order. See ``_OrphanKeyWalk``.
+  probes of the sessions' primary key run in key order: once to find the orphans' session
+  ids, once more to delete their fingerprints. See ``_OrphanWalk``.
 - ``expire_sessions`` walks the partial index on open sessions, keyset on (expires_at, id),
   when few sessions are due, and the heap like the others when many are (``_ExpireChoice``).
 
@@ -93,6 +94,7 @@ class Progress:
     done_units: int = 0
     total_units: int | None = None
     unit: str = "pages"
+    basis: str = "from the table's size in pages at the start"
 
     @property
     def elapsed(self) -> float:
@@ -160,6 +162,10 @@ class _Walk(Protocol):
 
     def progress(self, progress: Progress) -> None: ...
 
+    def finish(self) -> None:
+        """Release what ``start`` took (runs however the walk ended)."""
+        ...
+
 
 class _Pace:
     """Sizes batches so that each takes about ``target_s`` (when set), between 1 and ``most``.
@@ -190,6 +196,17 @@ def _timed(
 
 @contextmanager
 def batch_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """One batch's transaction on a connection of its own; see ``_transaction``."""
+    conn = engine.connect()
+    try:
+        with _transaction(conn):
+            yield conn
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _transaction(conn: sa.Connection) -> Iterator[sa.Connection]:
     """One batch's transaction, which also survives being interrupted mid-statement.
 
     Dagster stops a run by raising ``DagsterExecutionInterruptedError`` (a BaseException,
@@ -198,21 +215,17 @@ def batch_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
     ourselves and drop the connection: the server rolls the open transaction back, so the
     batch is wholly not applied, and the interrupt goes on up.
     """
-    conn = engine.connect()
+    trans = conn.begin()
     try:
-        trans = conn.begin()
-        try:
-            yield conn
-        except Exception:
-            trans.rollback()
-            raise
-        except BaseException:
-            _cancel_and_discard(conn)
-            raise
-        else:
-            trans.commit()
-    finally:
-        conn.close()
+        yield conn
+    except Exception:
+        trans.rollback()
+        raise
+    except BaseException:
+        _cancel_and_discard(conn)
+        raise
+    else:
+        trans.commit()
 
 
 def _cancel_and_discard(conn: sa.Connection) -> None:
@@ -234,6 +247,21 @@ def _walk(
     before_batch: BeforeBatch | None,
 ) -> StepResult:
     progress = Progress(step=name)
+    try:
+        return _walk_started(engine, name, walk, cutoff, options, before_batch, progress)
+    finally:
+        walk.finish()
+
+
+def _walk_started(
+    engine: sa.Engine,
+    name: str,
+    walk: _Walk,
+    cutoff: datetime,
+    options: StepOptions,
+    before_batch: BeforeBatch | None,
+    progress: Progress,
+) -> StepResult:
     samples: list[str] = []
     with engine.connect() as conn:
         walk.start(conn)
@@ -361,8 +389,12 @@ class _ExpireWalk:
 
     def progress(self, progress: Progress) -> None:
         progress.unit = "rows"
+        progress.basis = "counted from the partial index on open sessions"
         progress.done_units = self.seen
         progress.total_units = self.total
+
+    def finish(self) -> None:
+        pass
 
 
 _UUIDS = pg.ARRAY(pg.UUID)
@@ -396,6 +428,9 @@ class _ExpireChoice:
 
     def progress(self, progress: Progress) -> None:
         self.chosen.progress(progress)
+
+    def finish(self) -> None:
+        pass
 
 
 def _target_s(options: StepOptions) -> float | None:
@@ -666,93 +701,161 @@ class _HeapWalk:
 
     def progress(self, progress: Progress) -> None:
         progress.unit = "pages"
+        progress.basis = "from the table's size in pages at the start"
         progress.done_units = min(self.position[0], self.end_page)
         progress.total_units = self.end_page
 
+    def finish(self) -> None:
+        pass
 
-# --- remove_orphan_fingerprints: keyset over the index on session_id ------------------------
+
+# --- remove_orphan_fingerprints: find the orphans' session ids, then delete by key ---------
 
 
-class _OrphanKeyWalk:
-    """Walks fingerprints in ``session_id`` order, a key range per batch, probing in key order.
+class _OrphanWalk:
+    """Two passes over the index on ``session_id``: find the missing sessions, then delete.
 
     The one-statement limit finds orphans with a hash anti-join that reads every session once.
     A batch cannot do that (it would read every session once per batch). Probing the sessions'
-    primary key for each fingerprint in physical order (the heap walk) touches its leaf pages
-    at random, once per probe, and measured at a third of the limit's rows/s. Taken in
-    ``session_id`` order instead, the probes walk the primary key from left to right (an
-    index-only scan where the visibility map allows), so each leaf page is read once per
-    batch, as in a merge, and each batch costs only its own key range.
+    primary key for each fingerprint in physical order (a heap walk) touches its leaf pages
+    at random, and measured at a third of the limit's rows/s. Taken in ``session_id`` order,
+    the probes walk the primary key from left to right, an index-only scan on both sides.
 
-    Each batch is one statement in its own transaction: it reads the next ``limit`` keys of
-    the index after the last batch's (once, index-only where the visibility map allows),
-    probes the primary key for those keys, and deletes the due fingerprints of the missing
-    sessions, re-checking the whole condition on each row. Deleting by session id takes every
-    fingerprint of the range's last session too, so a batch ends at a session boundary (and
-    can hold more than ``limit`` rows by the fingerprints that share that id). The plan is
-    pinned (``SET LOCAL``) to index ranges and nested-loop probes: a seq scan, hash or merge
-    join, which the planner may prefer for a large range, reads a whole table per batch. The
-    statement runs under a short ``lock_timeout``; if the app holds one of its rows locked,
-    the range is redone locking rows ``FOR UPDATE SKIP LOCKED`` (locked rows are left for
-    the next run).
+    That holds only while the fingerprints' visibility map is intact: every delete clears
+    its page's bit, orphans sit on most pages, so a walk that deletes as it goes soon pays a
+    random heap fetch for every fingerprint it reads (measured at L: the reading half of
+    each batch became 44 % of its time). So the walk makes two passes, both in key order, on
+    one connection of its own:
 
-    Measured at S (single runs, same copies): the heap walk 1.7-2.0 s, this walk 1.0-1.3 s,
-    the one-statement limit 0.6-0.8 s. The rest of the gap is the fingerprints' heap: the
-    limit reads it once in order, a batch fetches its orphans' rows by index, at random.
+    1. **Find** (read-only). Each batch reads the next ``limit`` keys of the index after the
+       last batch's, probes the primary key for them, and appends the session ids no session
+       has to a temporary table (server-side, on this connection; the client holds no ids).
+    2. **Delete.** Each batch takes the next ``limit`` of those ids in key order and deletes
+       every due fingerprint of theirs in one statement, re-checking the whole condition on
+       each row (a session inserted since pass 1 saves its fingerprints). Deleting by session
+       id takes every fingerprint of a session in the same batch. The statement runs under a
+       short ``lock_timeout``; if the app holds one of its rows locked, it is redone locking
+       rows ``FOR UPDATE SKIP LOCKED`` (locked rows are left for the next run).
 
-    Needs an index that leads with ``session_id`` (the reference schema has one; the step's
-    prerequisites check for it).
+    Every batch is its own transaction and changes nothing but whole batches; the temporary
+    table dies with the connection, so a cancel or crash at any instant costs the next run
+    nothing but pass 1 again. Plans are pinned (``SET LOCAL``) to index ranges and
+    nested-loop probes: a seq scan, hash or merge join, which the planner may prefer for a
+    large range, reads a whole table per batch.
+
+    Measured at L (single runs on identical copies; README, "Performance"): the one-statement
+    limit 3.2 s, one pass deleting as it goes 5.3-5.8 s, these two passes 3.3 s.
+
+    Needs an index that leads with ``session_id`` (the step's prerequisites check for it)
+    and the TEMPORARY privilege on the database (granted to PUBLIC by default).
     """
 
-    # A seq scan, hash or merge join reads the whole table for a range; a bitmap scan, which
-    # reads the orphans' pages in physical order, is fine.
     PLAN = ("enable_seqscan", "enable_hashjoin", "enable_mergejoin")
 
     def __init__(
         self,
+        engine: sa.Engine,
         table: sa.Table,
         sessions: sa.Table,
         condition: Sequence[sa.ColumnElement[bool]],
         options: StepOptions,
     ) -> None:
+        self.engine = engine
         self.table = table
         self.sessions = sessions
         self.key = table.c.session_id
         self.condition = list(condition)
-        self.low: Any = None  # every session_id up to here (inclusive) is done
+        self.found = sa.Table(
+            "session_cleanup_orphan_ids",
+            sa.MetaData(),
+            sa.Column("id", self.key.type, primary_key=True),
+            schema="pg_temp",
+        )
+        self.conn: sa.Connection | None = None
+        self.deleting = False
+        self.low: Any = None  # pass 1: every key up to here (inclusive) is done
+        self.last: Any = None  # pass 2: every found id up to here (inclusive) is done
         self.seen = 0
         self.total: int | None = None
+        self.missing = 0
+        self.done = 0
+        self.find_pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
         self.pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
 
     def start(self, conn: sa.Connection) -> None:
         tuples, _ = t.planner_estimate(conn, self.table)
         self.total = int(tuples) if tuples > 0 else None
+        own = self.engine.connect()
+        try:
+            own.execute(sa.text(f"DROP TABLE IF EXISTS {_temp_name(self.found)}"))
+            self.found.create(own)
+            own.commit()
+        except BaseException:
+            own.close()
+            raise
+        self.conn = own
+
+    def finish(self) -> None:
+        if self.conn is None:
+            return
+        try:
+            if not self.conn.invalidated:
+                self.conn.rollback()
+                self.conn.execute(sa.text(f"DROP TABLE IF EXISTS {_temp_name(self.found)}"))
+                self.conn.commit()
+        finally:
+            self.conn.close()
+            self.conn = None
 
     def _begin(self, conn: sa.Connection) -> None:
         for name in self.PLAN:
             conn.execute(sa.text(f"SET LOCAL {name} = off"))
         conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
 
-    def _statement(self, limit: int, dry_run: bool, careful: bool, want: int) -> sa.Select[Any]:
-        """The batch as one statement: its keys, the orphans among them, and the change.
+    def _find(self, limit: int) -> sa.Select[Any]:
+        """Pass 1's batch: its keys, their missing sessions appended to the temporary table.
 
-        Returns one row: how many keys the range holds, its last key, how many rows were
-        changed (or, dry, matched) and up to ``want`` of their ids.
+        Returns one row: how many keys the range holds, its last key, how many ids it found.
         """
-        f, key = self.table, self.key
+        key = self.key
         keys = sa.select(key.label("k")).where(key.is_not(None))
         if self.low is not None:
             keys = keys.where(key > self.low)
-        # The range: the next ``limit`` keys of the index, read once (index-only where the
-        # visibility map allows). MATERIALIZED: it is read three times below.
+        # The next ``limit`` keys of the index (index-only: nothing has been deleted yet),
+        # read once. MATERIALIZED: it is read three times below. The range can end inside a
+        # session's fingerprints; the next starts after that key, which is recorded already.
         rng = keys.order_by(key).limit(limit).cte("range").prefix_with("MATERIALIZED")
-        # Its session ids that no session has: probes of the sessions' primary key in key
-        # order. Inside a DELETE they could not be index-only (the planner keeps each probed
-        # row's ctid for rechecks), so they are a plain query here.
-        missing = sa.select(rng.c.k).where(_no_session(self.sessions, rng.c.k))
-        # Every due fingerprint of those sessions, also those past the range's last key
-        # (they share it), with the whole condition checked on each row as it is deleted.
-        where = [key == sa.any_(sa.func.array(missing.scalar_subquery())), *self.condition]
+        missing = sa.select(rng.c.k).where(_no_session(self.sessions, rng.c.k)).distinct()
+        added = (
+            sa.insert(self.found)
+            .from_select(["id"], missing)
+            .returning(self.found.c.id)
+            .cte("added")
+        )
+        last = sa.select(rng.c.k).order_by(rng.c.k.desc()).limit(1).scalar_subquery()
+        return sa.select(
+            sa.select(sa.func.count()).select_from(rng).scalar_subquery(),
+            last,
+            sa.select(sa.func.count()).select_from(added).scalar_subquery(),
+        )
+
+    def _delete(self, limit: int, dry_run: bool, careful: bool, want: int) -> sa.Select[Any]:
+        """Pass 2's batch: the next ``limit`` found ids, and the change to their fingerprints.
+
+        Returns one row: how many ids the batch took, its last id, how many rows were changed
+        (or, dry, matched) and up to ``want`` of their ids.
+        """
+        f, found = self.table, self.found
+        ids = sa.select(found.c.id)
+        if self.last is not None:
+            ids = ids.where(found.c.id > self.last)
+        chunk = ids.order_by(found.c.id).limit(limit).cte("chunk").prefix_with("MATERIALIZED")
+        # Every due fingerprint of those sessions, with the whole condition checked on each
+        # row as it is deleted (a session inserted since pass 1 keeps its fingerprints).
+        where = [
+            self.key == sa.any_(sa.func.array(sa.select(chunk.c.id).scalar_subquery())),
+            *self.condition,
+        ]
         if dry_run:
             source: Any = sa.select(f.c.id).where(*where).cte("matched")
         elif careful:
@@ -770,9 +873,9 @@ class _OrphanKeyWalk:
             )
         else:
             source = sa.delete(f).where(*where).returning(f.c.id).cte("deleted")
-        last = sa.select(rng.c.k).order_by(rng.c.k.desc()).limit(1).scalar_subquery()
+        last = sa.select(chunk.c.id).order_by(chunk.c.id.desc()).limit(1).scalar_subquery()
         return sa.select(
-            sa.select(sa.func.count()).select_from(rng).scalar_subquery(),
+            sa.select(sa.func.count()).select_from(chunk).scalar_subquery(),
             last,
             sa.select(sa.func.count()).select_from(source).scalar_subquery(),
             _sample_array(source, want),
@@ -781,34 +884,67 @@ class _OrphanKeyWalk:
     def run_batch(
         self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
     ) -> _Batch:
+        if self.conn is None:
+            raise RuntimeError("the orphan walk has not started")
+        if not self.deleting:
+            return self._run_find()
         limit = min(self.pace.size, cap)
         careful = False
         while True:
-            runner, elapsed = _timed(engine)
+            started = time.monotonic()
             try:
-                with runner as conn:
+                with _transaction(self.conn) as conn:
                     self._begin(conn)
-                    statement = self._statement(limit, dry_run, careful, want_samples)
-                    seen, last, changed, samples = conn.execute(statement).one()
+                    statement = self._delete(limit, dry_run, careful, want_samples)
+                    taken, last, changed, samples = conn.execute(statement).one()
                     if not dry_run:
                         check(changed)
             except sa.exc.OperationalError as exc:
                 if careful or not _is_lock_conflict(exc):
                     raise
-                # The app holds one of the range's rows: redo the range, skipping it.
+                # The app holds one of the batch's rows: redo it, skipping that row.
                 careful = True
                 continue
             break
-        self.pace.observe(int(seen), elapsed())
+        self.pace.observe(int(taken), time.monotonic() - started)
+        self.done += int(taken)
+        if last is not None:
+            self.last = last
+        return _Batch(int(changed), [str(i) for i in samples or []], taken >= limit)
+
+    def _run_find(self) -> _Batch:
+        assert self.conn is not None
+        limit = self.find_pace.size
+        started = time.monotonic()
+        with _transaction(self.conn) as conn:
+            self._begin(conn)
+            seen, last, added = conn.execute(self._find(limit)).one()
+        self.find_pace.observe(int(seen), time.monotonic() - started)
         self.seen += int(seen)
+        self.missing += int(added)
         if last is not None:
             self.low = last
-        return _Batch(int(changed), [str(i) for i in samples or []], seen >= limit)
+        if seen < limit:
+            # Pass 1 is done: pass 2 deletes, if there is anything to delete.
+            self.deleting = True
+            return _Batch(0, [], self.missing > 0)
+        return _Batch(0, [], True)
 
     def progress(self, progress: Progress) -> None:
-        progress.unit = "rows"
-        progress.done_units = self.seen
-        progress.total_units = max(self.total or 0, self.seen) or None
+        if self.deleting:
+            progress.unit = "orphaned session ids"
+            progress.basis = "found by the first pass"
+            progress.done_units = self.done
+            progress.total_units = self.missing or None
+        else:
+            progress.unit = "fingerprints"
+            progress.basis = "first pass, from the planner's row estimate"
+            progress.done_units = self.seen
+            progress.total_units = max(self.total or 0, self.seen) or None
+
+
+def _temp_name(table: sa.Table) -> str:
+    return f"{table.schema}.{table.name}"
 
 
 def _no_session(sessions: sa.Table, key: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
@@ -881,7 +1017,7 @@ def remove_orphan_fingerprints(
         f.c.created_at < cutoff - grace,
         _no_session(s, f.c.session_id),
     ]
-    walk = _OrphanKeyWalk(f, s, orphan, options)
+    walk = _OrphanWalk(engine, f, s, orphan, options)
     return _walk(engine, "remove_orphan_fingerprints", walk, cutoff, options, before_batch)
 
 

@@ -224,12 +224,16 @@ def test_long_steps_log_rows_rate_eta_and_which_estimate(
     declines = [line for line in logs if line.startswith("purge_declines:")]
     assert "pages (from the table's size in pages at the start)" in declines[-1]
     assert "s left" in declines[-1]
+    orphans = [line for line in logs if line.startswith("remove_orphan_fingerprints:")]
+    assert "fingerprints (first pass, from the planner's row estimate)" in orphans[0]
+    assert "orphaned session ids (found by the first pass)" in orphans[-1]
 
 
 def test_describe_progress_gives_fraction_and_time_left() -> None:
     progress = steps.Progress(step="expire_sessions", changed=500, batches=5)
     progress.started -= 10.0  # ten seconds in
     progress.done_units, progress.total_units, progress.unit = 500, 2000, "rows"
+    progress.basis = "counted from the partial index on open sessions"
     line = running.describe_progress(progress)
     assert line.startswith("expire_sessions: 500 rows in 5 batches, 50 rows/s, 25% of 2000 rows")
     assert "counted from the partial index on open sessions" in line

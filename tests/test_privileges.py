@@ -213,6 +213,32 @@ _ELIGIBLE_ROW = {
 }
 
 
+def test_missing_temporary_privilege_fails_fast_naming_the_grant(app_url: str, role: str) -> None:
+    # PUBLIC has TEMPORARY on every new database by default; an installation may revoke it.
+    database = app_url.rsplit("/", 1)[1]
+    pg.execute(app_url, f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+    pg.execute(app_url, f'REVOKE TEMPORARY ON DATABASE "{database}" FROM "{role}"')
+    before = pg.snapshot(app_url)
+    result = run_job(as_role(app_url, role), partition_key="2026-11-27")
+    message = failure_message(result, "remove_orphan_fingerprints")
+    assert f"role {role} lacks TEMPORARY on database {database}" in message
+    assert f'GRANT TEMPORARY ON DATABASE "{database}" TO {role};' in message
+    assert attempts(result, "remove_orphan_fingerprints") == 1
+    expected = before
+    for op in ("expire_sessions", "purge_declines"):
+        assert result.is_node_success(op), op
+        expected = getattr(model, op)(expected, T)
+    assert pg.snapshot(app_url) == expected
+    # The check is honest: without it, PostgreSQL itself refuses the step's temporary table.
+    engine = pg.engine(as_role(app_url, role))
+    try:
+        with pytest.raises(sqlalchemy.exc.ProgrammingError) as raised:
+            steps.remove_orphan_fingerprints(engine, T)
+        assert isinstance(raised.value.orig, psycopg.errors.InsufficientPrivilege)
+    finally:
+        engine.dispose()
+
+
 def test_missing_schema_usage_fails_fast_naming_the_grant(app_url: str, role: str) -> None:
     # PUBLIC has USAGE on schema public by default; an installation may revoke it.
     pg.execute(app_url, "REVOKE USAGE ON SCHEMA public FROM PUBLIC")

@@ -111,7 +111,11 @@ def test_orphan_walk_takes_every_fingerprint_of_a_session_whatever_the_batch_siz
         live = data.uid(102) if n % 2 else None  # a live session, and no session at all
         data.insert_fingerprint(app_url, data.uid(920_000 + n), live, T - 5 * hour)
     before = pg.snapshot(app_url)
-    assert _units(app_url, "remove_orphan_fingerprints", StepOptions(dry_run=True)) == {"rows"}
+    # Pass 1 walks the fingerprints, pass 2 the orphaned session ids it found.
+    assert _units(app_url, "remove_orphan_fingerprints", StepOptions(dry_run=True)) == {
+        "fingerprints",
+        "orphaned session ids",
+    }
     engine = pg.engine(app_url)
     try:
         result = steps.remove_orphan_fingerprints(engine, T, StepOptions(batch_size=batch_size))
@@ -122,3 +126,35 @@ def test_orphan_walk_takes_every_fingerprint_of_a_session_whatever_the_batch_siz
     assert result.changed == len(before["device_fingerprints"]) - len(
         expected["device_fingerprints"]
     )
+
+
+@pytest.mark.parametrize("batch_size", [1, 50_000])
+def test_orphan_walk_rechecks_each_row_when_it_deletes(app_url: str, batch_size: int) -> None:
+    # Pass 1 finds the missing sessions; by pass 2 one of them exists (the app inserted it),
+    # so its fingerprints are no longer orphans and must stay.
+    data.boundaries(app_url)
+    hour = timedelta(hours=1)
+    for n in range(12):
+        missing = data.uid(900_000 + n // 3)  # three fingerprints per missing session
+        data.insert_fingerprint(app_url, data.uid(910_000 + n), missing, T - 2 * hour)
+    arrived = data.uid(900_001)
+    at_pass_2: list[pg.Snapshot] = []
+
+    def before_batch(progress: steps.Progress) -> None:
+        if progress.unit == "orphaned session ids" and not at_pass_2:
+            data.insert_session(app_url, arrived, "u8", T - hour, ended_at=T - hour)
+            at_pass_2.append(pg.snapshot(app_url))
+
+    engine = pg.engine(app_url)
+    try:
+        result = steps.remove_orphan_fingerprints(
+            engine, T, StepOptions(batch_size=batch_size), before_batch=before_batch
+        )
+    finally:
+        engine.dispose()
+    [state] = at_pass_2
+    assert pg.snapshot(app_url) == model.remove_orphan_fingerprints(state, T)
+    kept = {row["id"] for row in pg.snapshot(app_url)["device_fingerprints"]}
+    assert {data.uid(910_003), data.uid(910_004), data.uid(910_005)} <= kept
+    # The other three missing sessions' nine, and the two old orphans of data.boundaries.
+    assert result.changed == 9 + 2
