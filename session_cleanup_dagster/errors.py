@@ -13,6 +13,7 @@ message, and :func:`redact` removes any password that a driver might have echoed
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Iterable
 
 import psycopg
@@ -69,8 +70,12 @@ class ConfigError(CleanupError, ValueError):
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     """Replace every occurrence of each non-empty secret, and any URL password, with ``***``."""
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+        if not secret:
+            continue
+        # Also as it is written inside a URL: percent-encoded (quote), or with spaces as
+        # "+" (quote_plus, how a query string such as ?password= is often written).
+        for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}:
+            text = text.replace(form, "***")
     # postgresql://user:password@host: hide whatever sits between the colon and the @.
     return re.sub(r"(postgres(?:ql)?(?:\+\w+)?://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
 

@@ -21,13 +21,14 @@ import os
 import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import dagster as dg
 import psycopg
 import pytest
 
-from session_cleanup_dagster import seed
+from session_cleanup_dagster import errors, seed
 from tests import data, pg
 
 APP_PASSWORD = "AppPw-Zq7xK2-recognizable"
@@ -192,3 +193,28 @@ def test_passwords_appear_nowhere_after_a_good_and_a_failing_run(
     for place, text in searched.items():
         for secret in SECRETS:
             assert secret not in text, f"{secret!r} leaked into {place}"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "postgresql://cleanup:{quote}@db.example.com:5432/app",
+        "postgresql://cleanup@db.example.com:5432/app?password={quote}",
+        "postgresql://cleanup@db.example.com:5432/app?password={plus}",
+        "password authentication failed; password was {raw}",
+    ],
+)
+def test_redact_hides_a_password_however_a_url_writes_it(template: str) -> None:
+    # A password with the characters a URL must encode (the recognizable ones above need none).
+    secret = "p@ss w/rd+%&=?"
+    forms = {
+        "raw": secret,
+        "quote": urllib.parse.quote(secret, safe=""),
+        "plus": urllib.parse.quote_plus(secret),
+    }
+    text = template.format(**forms)
+    redacted = errors.redact(text, [secret])
+    assert "***" in redacted
+    for form in forms.values():
+        assert form not in redacted
+    assert "db.example.com" in redacted or "authentication failed" in redacted
