@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from session_cleanup_dagster.jobs import EXCLUSIVE_TAG
 from session_cleanup_dagster.ops import expire_sessions, purge_declines, remove_orphan_fingerprints
 
 
@@ -58,7 +59,10 @@ def build_dry_run_job() -> dg.JobDefinition:
         ),
         config=_always_dry,
         executor_def=dg.in_process_executor,
-        tags={"team": "platform", "session_cleanup/dry_run": "true"},
+        # The queue admits one run with the exclusive tag at a time: a dry run launched
+        # beside a real one waits QUEUED instead of holding a run slot while it waits for
+        # the advisory lock (and failing after lock_wait_s).
+        tags={"team": "platform", "session_cleanup/dry_run": "true", EXCLUSIVE_TAG: "app_db"},
     )
     def session_cleanup_dry_run_job() -> None:
         expire_sessions()

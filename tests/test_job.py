@@ -252,6 +252,18 @@ def test_schedule_tick_at_0400_utc_targets_the_previous_day_with_cutoff_0400(
     assert pg.snapshot(app_url) == model.cleanup(before, T)
 
 
+def test_both_cleanup_jobs_carry_the_tag_the_run_queue_limits() -> None:
+    # dagster.yaml admits one run with this tag at a time (tests/test_deploy.py checks that);
+    # the dry run counts beside a real run only if it queues behind it.
+    from session_cleanup_dagster.definitions import defs
+    from session_cleanup_dagster.jobs import EXCLUSIVE_TAG
+
+    # The checks job only reads (and runs after a cleanup run ends); it needs no queue slot.
+    for name in ("session_cleanup_job", "session_cleanup_dry_run_job"):
+        job = defs.get_job_def(name)
+        assert job.tags.get(EXCLUSIVE_TAG) == "app_db", name
+
+
 def test_definitions_load_with_warnings_as_errors() -> None:
     code = (
         "import warnings; warnings.simplefilter('error');"
