@@ -160,6 +160,7 @@ def test_dry_run_from_the_launchpad_succeeds_and_shows_what_it_would_change(
     _shot(page, shots, "ui-dry-run")
     tags = _tags(stack, "session_cleanup_dry_run_job", run_id)
     assert tags["session_cleanup/dry_run"] == "true"
+    assert tags["session_cleanup/exclusive"] == "app_db"  # it queued like a real run
 
 
 def test_backfill_of_two_partitions_from_the_ui(
