@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         overhead_runs=args.overhead_runs,
         multiprocess=not args.no_multiprocess,
     )
+    # A SIGTERM (``timeout``, ``kill``) unwinds like Ctrl-C, so the runner's ``finally`` drops
+    # the benchmark's databases instead of leaving scbench_* behind.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     results = runner.run(options)
     summary = report.summarize(results)
     goals = report.targets(summary, results)
@@ -102,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(text)
     verified = all(a["verified"] for s in summary.values() for a in s["approaches"].values())
     return 0 if verified else 1
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -52,3 +54,37 @@ def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path
             (f"{PREFIX}_{proc.pid}_%",),
         ).fetchall()
     assert left == []
+
+
+def test_a_terminated_benchmark_drops_its_databases(admin_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "SESSION_CLEANUP_BENCH_ADMIN_URL": admin_url}
+    args = ["--scales", "XS", "--approaches", "limit", "--overhead-runs", "0", "--no-plots"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", *args, "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            mine = f"{PREFIX}_{proc.pid}_%"
+            deadline = time.monotonic() + 120
+            while not _databases(admin_url, mine):
+                assert proc.poll() is None, "the benchmark ended before creating a database"
+                assert time.monotonic() < deadline, "no benchmark database appeared"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert _databases(admin_url, mine) == []
+
+
+def _databases(admin_url: str, pattern: str) -> list[str]:
+    with psycopg.connect(admin_url) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,)
+        ).fetchall()
+    return [row[0] for row in rows]
