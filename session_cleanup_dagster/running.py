@@ -226,7 +226,7 @@ def describe_progress(progress: steps.Progress) -> str:
     )
     if progress.total_units and progress.done_units:
         fraction = min(1.0, progress.done_units / progress.total_units)
-        left = progress.elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0
+        left = progress.units_elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0
         line += (
             f", {fraction:.0%} of {progress.total_units} {progress.unit} "
             f"({progress.basis}), about {left:.0f} s left"

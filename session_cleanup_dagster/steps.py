@@ -95,10 +95,17 @@ class Progress:
     total_units: int | None = None
     unit: str = "pages"
     basis: str = "from the table's size in pages at the start"
+    # When the walk started counting in ``unit`` (a walk of two passes counts each apart).
+    units_started: float | None = None
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    @property
+    def units_elapsed(self) -> float:
+        """Seconds spent on the units counted so far (the time left is estimated from it)."""
+        return time.monotonic() - (self.units_started or self.started)
 
 
 BeforeBatch = Callable[[Progress], None]
@@ -744,7 +751,7 @@ class _OrphanWalk:
     large range, reads a whole table per batch.
 
     Measured at L (single runs on identical copies; README, "Performance"): the one-statement
-    limit 3.2 s, one pass deleting as it goes 5.3-5.8 s, these two passes 3.3 s.
+    limit 3.2-3.6 s, one pass deleting as it goes 5.3-5.8 s, these two passes 3.9-4.0 s.
 
     Needs an index that leads with ``session_id`` (the step's prerequisites check for it)
     and the TEMPORARY privilege on the database (granted to PUBLIC by default).
@@ -779,6 +786,7 @@ class _OrphanWalk:
         self.total: int | None = None
         self.missing = 0
         self.done = 0
+        self.deleting_since: float | None = None
         self.find_pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
         self.pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
 
@@ -927,6 +935,7 @@ class _OrphanWalk:
         if seen < limit:
             # Pass 1 is done: pass 2 deletes, if there is anything to delete.
             self.deleting = True
+            self.deleting_since = time.monotonic()
             return _Batch(0, [], self.missing > 0)
         return _Batch(0, [], True)
 
@@ -936,6 +945,7 @@ class _OrphanWalk:
             progress.basis = "found by the first pass"
             progress.done_units = self.done
             progress.total_units = self.missing or None
+            progress.units_started = self.deleting_since
         else:
             progress.unit = "fingerprints"
             progress.basis = "first pass, from the planner's row estimate"

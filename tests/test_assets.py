@@ -240,6 +240,11 @@ def test_describe_progress_gives_fraction_and_time_left() -> None:
     assert "about 30 s left" in line
     progress.done_units = 0
     assert "left" not in running.describe_progress(progress)
+    # A second pass counts its own units: the time left follows its own rate.
+    progress.units_started = progress.started + 8.0  # the second pass began 2 s ago
+    progress.done_units, progress.total_units, progress.unit = 100, 300, "orphaned session ids"
+    assert "33% of 300 orphaned session ids" in running.describe_progress(progress)
+    assert "about 4 s left" in running.describe_progress(progress)
 
 
 def test_step_tables_name_the_real_tables() -> None:
