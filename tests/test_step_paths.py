@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from session_cleanup_dagster import steps
 from session_cleanup_dagster.seed import seed_database
@@ -158,3 +159,75 @@ def test_orphan_walk_rechecks_each_row_when_it_deletes(app_url: str, batch_size:
     assert {data.uid(910_003), data.uid(910_004), data.uid(910_005)} <= kept
     # The other three missing sessions' nine, and the two old orphans of data.boundaries.
     assert result.changed == 9 + 2
+
+
+class _Stop(BaseException):
+    """What Dagster raises in an op it stops: not an Exception."""
+
+
+@pytest.mark.parametrize("stop_in", ["fingerprints", "orphaned session ids"])
+def test_orphan_walk_stopped_in_either_pass_leaves_whole_batches_and_no_temporary_table(
+    app_url: str, stop_in: str
+) -> None:
+    data.boundaries(app_url)
+    hour = timedelta(hours=1)
+    for n in range(40):
+        missing = data.uid(900_000 + n // 4)  # four orphans per missing session
+        data.insert_fingerprint(app_url, data.uid(910_000 + n), missing, T - 2 * hour)
+    before = pg.snapshot(app_url)
+    calls: list[str] = []
+
+    def before_batch(progress: steps.Progress) -> None:
+        calls.append(progress.unit)
+        if calls.count(stop_in) == 3:
+            raise _Stop
+
+    engine = pg.engine(app_url)
+    try:
+        # Keeping the traceback keeps the walk alive: its connection cannot slip back into
+        # the pool through the garbage collector, only through the walk's own cleanup.
+        with pytest.raises(_Stop) as raised:
+            steps.remove_orphan_fingerprints(
+                engine, T, StepOptions(batch_size=2), before_batch=before_batch
+            )
+        assert raised.traceback
+        with engine.connect() as conn:
+            left = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_class WHERE relname = 'session_cleanup_orphan_ids'"
+                )
+            ).scalar_one()
+        assert left == 0, "the walk left its temporary table (and its connection) behind"
+        stopped = pg.snapshot(app_url)
+        full = model.remove_orphan_fingerprints(before, T)
+        ids = {name: {row["id"] for row in rows} for name, rows in before.items()}
+        kept = {row["id"] for row in stopped["device_fingerprints"]}
+        gone = ids["device_fingerprints"] - kept
+        assert gone <= ids["device_fingerprints"] - {r["id"] for r in full["device_fingerprints"]}
+        if stop_in == "fingerprints":
+            assert stopped == before  # the first pass changes nothing
+        else:
+            # Two committed batches of two found session ids each, in key order: exactly
+            # the due orphans of the first four ids that name no session.
+            sessions = ids["after_hours_sessions"]
+            found = sorted(
+                {
+                    row["session_id"]
+                    for row in before["device_fingerprints"]
+                    if row["session_id"] is not None and row["session_id"] not in sessions
+                }
+            )
+            due = ids["device_fingerprints"] - {r["id"] for r in full["device_fingerprints"]}
+            assert gone == {
+                row["id"]
+                for row in before["device_fingerprints"]
+                if row["session_id"] in found[:4] and row["id"] in due
+            }
+            assert gone
+        assert {k: v for k, v in stopped.items() if k != "device_fingerprints"} == {
+            k: v for k, v in before.items() if k != "device_fingerprints"
+        }
+        steps.remove_orphan_fingerprints(engine, T)  # the next run finishes
+    finally:
+        engine.dispose()
+    assert pg.snapshot(app_url) == full
