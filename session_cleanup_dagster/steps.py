@@ -793,15 +793,23 @@ class _OrphanWalk:
     def start(self, conn: sa.Connection) -> None:
         tuples, _ = t.planner_estimate(conn, self.table)
         self.total = int(tuples) if tuples > 0 else None
-        own = self.engine.connect()
-        try:
-            own.execute(sa.text(f"DROP TABLE IF EXISTS {_temp_name(self.found)}"))
-            self.found.create(own)
-            own.commit()
-        except BaseException:
-            own.close()
-            raise
-        self.conn = own
+
+    def _own(self) -> sa.Connection:
+        """The walk's own connection, holding the temporary table; opened on first use.
+
+        Not in ``start``: that would hold two of the engine's connections at once.
+        """
+        if self.conn is None:
+            own = self.engine.connect()
+            try:
+                own.execute(sa.text(f"DROP TABLE IF EXISTS {_temp_name(self.found)}"))
+                self.found.create(own)
+                own.commit()
+            except BaseException:
+                own.close()
+                raise
+            self.conn = own
+        return self.conn
 
     def finish(self) -> None:
         if self.conn is None:
@@ -892,16 +900,15 @@ class _OrphanWalk:
     def run_batch(
         self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
     ) -> _Batch:
-        if self.conn is None:
-            raise RuntimeError("the orphan walk has not started")
+        own = self._own()
         if not self.deleting:
-            return self._run_find()
+            return self._run_find(own)
         limit = min(self.pace.size, cap)
         careful = False
         while True:
             started = time.monotonic()
             try:
-                with _transaction(self.conn) as conn:
+                with _transaction(own) as conn:
                     self._begin(conn)
                     statement = self._delete(limit, dry_run, careful, want_samples)
                     taken, last, changed, samples = conn.execute(statement).one()
@@ -920,11 +927,10 @@ class _OrphanWalk:
             self.last = last
         return _Batch(int(changed), [str(i) for i in samples or []], taken >= limit)
 
-    def _run_find(self) -> _Batch:
-        assert self.conn is not None
+    def _run_find(self, own: sa.Connection) -> _Batch:
         limit = self.find_pace.size
         started = time.monotonic()
-        with _transaction(self.conn) as conn:
+        with _transaction(own) as conn:
             self._begin(conn)
             seen, last, added = conn.execute(self._find(limit)).one()
         self.find_pace.observe(int(seen), time.monotonic() - started)
