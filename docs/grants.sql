@@ -18,7 +18,8 @@
 --     their fingerprints. PostgreSQL grants it to PUBLIC by default; this makes it explicit.
 --   * no access at all to users, nor to the columns that hold personal data (coordinates,
 --     fingerprint hashes, user ids): the job never reads them, so it cannot leak them.
--- No INSERT (but into its own temporary table), no TRUNCATE, no REFERENCES, no TRIGGER, no DDL, no CREATE on the schema.
+-- No INSERT (but into its own temporary table), no TRUNCATE, no REFERENCES, no TRIGGER, no DDL,
+-- no CREATE on the schema.
 
 CREATE ROLE session_cleanup LOGIN NOINHERIT;
 

@@ -23,8 +23,8 @@ index serves the condition:
 
 The numbers behind these choices are in the README ("Performance") and benchmarks/.
 
-A dry run walks the same way without locking or writing, so its counts equal a real run's
-on the same data.
+A dry run walks the same way without locking or changing a row of the app's (the orphan
+step still fills its own temporary table), so its counts equal a real run's on the same data.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class _Walk(Protocol):
     def progress(self, progress: Progress) -> None: ...
 
     def finish(self) -> None:
-        """Release what ``start`` took (runs however the walk ended)."""
+        """Release what the walk holds, such as a connection (runs however it ended)."""
         ...
 
 
@@ -812,16 +812,20 @@ class _OrphanWalk:
         return self.conn
 
     def finish(self) -> None:
-        if self.conn is None:
+        conn, self.conn = self.conn, None
+        if conn is None:
             return
         try:
-            if not self.conn.invalidated:
-                self.conn.rollback()
-                self.conn.execute(sa.text(f"DROP TABLE IF EXISTS {_temp_name(self.found)}"))
-                self.conn.commit()
+            if not conn.invalidated:
+                conn.rollback()
+                conn.execute(sa.text(f"DROP TABLE IF EXISTS {_temp_name(self.found)}"))
+                conn.commit()
+        except Exception:
+            # Never mask how the walk ended: a connection that is dropped instead of returned
+            # to the pool takes its temporary table with it.
+            conn.invalidate()
         finally:
-            self.conn.close()
-            self.conn = None
+            conn.close()
 
     def _begin(self, conn: sa.Connection) -> None:
         for name in self.PLAN:
