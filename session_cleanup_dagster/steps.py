@@ -746,25 +746,18 @@ class _OrphanWalk:
 
     Every batch is its own transaction and changes nothing but whole batches; the temporary
     table dies with the connection, so a cancel or crash at any instant costs the next run
-    nothing but pass 1 again. Plans are pinned (``SET LOCAL``) to index ranges: a seq scan
-    or hash join, which the planner may prefer for a large range, reads a whole table per
-    batch. Pass 1 merges its range with the primary key; pass 2 probes it per row (its ids
-    are sparse in the key space, so a merge would read many sessions per id).
+    nothing but pass 1 again. Plans are pinned (``SET LOCAL``) to index ranges and
+    nested-loop probes: a seq scan, hash or merge join, which the planner may prefer for a
+    large range, reads a whole table per batch.
 
     Measured at L (single runs on identical copies; README, "Performance"): the one-statement
-    limit 3.2-3.6 s, one pass deleting as it goes 5.3-5.8 s, these two passes 3.9-4.0 s with
-    nested-loop probes in pass 1, 3.4 s with the merge.
+    limit 3.2-3.6 s, one pass deleting as it goes 5.3-5.8 s, these two passes 3.9-4.0 s.
 
     Needs an index that leads with ``session_id`` (the step's prerequisites check for it)
     and the TEMPORARY privilege on the database (granted to PUBLIC by default).
     """
 
     PLAN = ("enable_seqscan", "enable_hashjoin", "enable_mergejoin")
-    # Pass 1 reads every key, so it merges the range with the primary key instead of probing
-    # it once per key: one read of each leaf in order, not a descent per key. Measured (the
-    # step alone, single runs on identical copies): pass 1 at S 0.36-0.38 s -> 0.24 s, at L
-    # 1.78-1.98 s -> 1.34-1.39 s. The planner, left to itself, mostly keeps the probes.
-    FIND_PLAN = ("enable_seqscan", "enable_hashjoin", "enable_nestloop")
 
     def __init__(
         self,
@@ -834,8 +827,8 @@ class _OrphanWalk:
         finally:
             conn.close()
 
-    def _begin(self, conn: sa.Connection, plan: Sequence[str] = PLAN) -> None:
-        for name in plan:
+    def _begin(self, conn: sa.Connection) -> None:
+        for name in self.PLAN:
             conn.execute(sa.text(f"SET LOCAL {name} = off"))
         conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
 
@@ -852,15 +845,7 @@ class _OrphanWalk:
         # read once. MATERIALIZED: it is read three times below. The range can end inside a
         # session's fingerprints; the next starts after that key, which is recorded already.
         rng = keys.order_by(key).limit(limit).cte("range").prefix_with("MATERIALIZED")
-        # The range's session ids that no session has: a merge anti-join of the range
-        # (sorted) with the primary key read from the range's start (the bound is redundant
-        # for the result, every key is past low, but it is where the scan starts) up to its
-        # last key, where the merge stops.
-        sessions = self.sessions
-        probe = sa.select(sessions.c.id).where(sessions.c.id == rng.c.k)
-        if self.low is not None:
-            probe = probe.where(sessions.c.id > self.low)
-        missing = sa.select(rng.c.k).where(~probe.exists()).distinct()
+        missing = sa.select(rng.c.k).where(_no_session(self.sessions, rng.c.k)).distinct()
         added = (
             sa.insert(self.found)
             .from_select(["id"], missing)
@@ -950,7 +935,7 @@ class _OrphanWalk:
         limit = self.find_pace.size
         started = time.monotonic()
         with _transaction(own) as conn:
-            self._begin(conn, self.FIND_PLAN)
+            self._begin(conn)
             seen, last, added = conn.execute(self._find(limit)).one()
         self.find_pace.observe(int(seen), time.monotonic() - started)
         self.seen += int(seen)
