@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from session_cleanup_dagster import tables as t
 from session_cleanup_dagster.errors import PermanentDatabaseError
+from session_cleanup_dagster.schema import validate_identifier
 
 TIMESTAMPTZ = "timestamp with time zone"
 
@@ -108,7 +109,7 @@ INDEXES: dict[str, tuple[tuple[str, str, str], ...]] = {
 
 def check(conn: sa.Connection, step: str, schema: str = "public") -> None:
     """Raise PermanentDatabaseError naming the first thing ``step`` lacks, with the fix."""
-    t.check_identifier(schema, "schema")
+    validate_identifier(schema, "schema")
     _check_schema(conn, step, schema)
     for need in NEEDS[step]:
         _check_table(conn, step, schema, need)

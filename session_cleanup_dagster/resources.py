@@ -15,7 +15,7 @@ from pydantic import Field, PrivateAttr
 
 from session_cleanup_dagster.errors import ConfigError
 from session_cleanup_dagster.locking import RunLock
-from session_cleanup_dagster.tables import check_identifier
+from session_cleanup_dagster.schema import validate_identifier
 from session_cleanup_dagster.urls import psycopg_url
 
 
@@ -124,7 +124,7 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
             ConfigError: with what is wrong and what is valid.
         """
         try:
-            check_identifier(self.db_schema, "app_db.db_schema")
+            validate_identifier(self.db_schema, "app_db.db_schema")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         for name in ("lock_timeout_ms", "statement_timeout_ms", "idle_in_transaction_timeout_ms"):

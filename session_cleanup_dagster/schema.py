@@ -159,22 +159,25 @@ WHERE n.nspname = :schema AND t.relname = :table AND c.conname = :name
 """
 
 
-def validate_identifier(name: str) -> str:
-    """Check that ``name`` is a safe, lower-case SQL identifier.
+def validate_identifier(name: str, what: str = "identifier") -> str:
+    """Accept only a plain lower-case SQL identifier; anything else is refused, never quoted in.
+
+    The one check for every name this project puts into SQL text (schemas, databases).
 
     Args:
         name: A schema, table or database name supplied by a caller.
+        what: What the name is, for the message (``"app_db.db_schema"``, ``"schema"``).
 
     Returns:
         ``name`` unchanged, so the call can be used inline.
 
     Raises:
-        ValueError: If ``name`` does not match :data:`IDENTIFIER_PATTERN`.
+        ValueError: naming the offending value and what is valid.
     """
     if not isinstance(name, str) or not IDENTIFIER_PATTERN.fullmatch(name):
         raise ValueError(
-            f"invalid identifier {name!r}: expected lower-case letters, digits and '_', "
-            "starting with a letter or '_', at most 63 characters"
+            f"{what} {name!r} is not a plain identifier: use lower-case letters, digits and "
+            "underscores, starting with a letter or underscore, at most 63 characters."
         )
     return name
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-from session_cleanup_dagster.schema import IDENTIFIER_PATTERN
+from session_cleanup_dagster.schema import validate_identifier
 
 SESSIONS = "after_hours_sessions"
 DECLINES = "after_hours_declines"
@@ -29,24 +29,10 @@ class Tables:
     fingerprints: sa.Table
 
 
-def check_identifier(value: str, what: str) -> str:
-    """Accept only plain lower-case identifiers; anything else is refused, never quoted in.
-
-    Raises:
-        ValueError: naming the offending value and what is valid.
-    """
-    if not IDENTIFIER_PATTERN.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} is not a plain identifier: use lower-case letters, digits and "
-            "underscores, starting with a letter or underscore, at most 63 characters."
-        )
-    return value
-
-
 @lru_cache(maxsize=16)
 def reflect(schema: str = "public") -> Tables:
     """The table objects for ``schema`` (validated, then quoted by SQLAlchemy when used)."""
-    check_identifier(schema, "schema")
+    validate_identifier(schema, "schema")
     metadata = sa.MetaData(schema=schema)
     tz = sa.DateTime(timezone=True)
     sessions = sa.Table(
