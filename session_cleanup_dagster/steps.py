@@ -170,7 +170,7 @@ class _Walk(Protocol):
     def progress(self, progress: Progress) -> None: ...
 
     def finish(self) -> None:
-        """Release what the walk holds, such as a connection (runs however it ended)."""
+        """Release what the batches took, such as a connection (runs however they ended)."""
         ...
 
 
@@ -254,21 +254,6 @@ def _walk(
     before_batch: BeforeBatch | None,
 ) -> StepResult:
     progress = Progress(step=name)
-    try:
-        return _walk_started(engine, name, walk, cutoff, options, before_batch, progress)
-    finally:
-        walk.finish()
-
-
-def _walk_started(
-    engine: sa.Engine,
-    name: str,
-    walk: _Walk,
-    cutoff: datetime,
-    options: StepOptions,
-    before_batch: BeforeBatch | None,
-    progress: Progress,
-) -> StepResult:
     samples: list[str] = []
     with engine.connect() as conn:
         walk.start(conn)
@@ -280,21 +265,24 @@ def _walk_started(
         if options.max_rows is not None and progress.changed + changed > options.max_rows:
             raise SafetyCapExceeded(name, progress.changed, changed, options.max_rows)
 
-    while True:
-        walk.progress(progress)
-        if before_batch is not None:
-            before_batch(progress)
-        cap = options.batch_size
-        if options.max_rows is not None and not options.dry_run:
-            # One row more than the cap allows, so "would pass the cap" is visible.
-            cap = min(cap, options.max_rows - progress.changed + 1)
-        batch = walk.run_batch(engine, cap, options.dry_run, SAMPLE_SIZE - len(samples), check)
-        if batch.changed:
-            progress.batches += 1
-            progress.changed += batch.changed
-            samples.extend(batch.samples[: SAMPLE_SIZE - len(samples)])
-        if not batch.more:
-            break
+    try:
+        while True:
+            walk.progress(progress)
+            if before_batch is not None:
+                before_batch(progress)
+            cap = options.batch_size
+            if options.max_rows is not None and not options.dry_run:
+                # One row more than the cap allows, so "would pass the cap" is visible.
+                cap = min(cap, options.max_rows - progress.changed + 1)
+            batch = walk.run_batch(engine, cap, options.dry_run, SAMPLE_SIZE - len(samples), check)
+            if batch.changed:
+                progress.batches += 1
+                progress.changed += batch.changed
+                samples.extend(batch.samples[: SAMPLE_SIZE - len(samples)])
+            if not batch.more:
+                break
+    finally:
+        walk.finish()
     walk.progress(progress)
     return StepResult(
         step=name,
