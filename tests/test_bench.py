@@ -23,17 +23,21 @@ from benchmarks.databases import PREFIX
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path: Path) -> None:
-    env = {**os.environ, "SESSION_CLEANUP_BENCH_ADMIN_URL": admin_url}
-    args = ["--scales", "XS", "--idle-s", "1", "--overhead-runs", "0"]
-    with subprocess.Popen(
-        [sys.executable, "-m", "benchmarks", *args, "--no-plots", "--out", str(tmp_path)],
+def _benchmark(admin_url: str, out: Path, *args: str) -> subprocess.Popen[str]:
+    """``python -m benchmarks`` against the test server, as a user runs it; stderr captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", *args, "--no-plots", "--out", str(out)],
         cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
+        env={**os.environ, "SESSION_CLEANUP_BENCH_ADMIN_URL": admin_url},
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-    ) as proc:
+    )
+
+
+def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path: Path) -> None:
+    args = ("--scales", "XS", "--idle-s", "1", "--overhead-runs", "0")
+    with _benchmark(admin_url, tmp_path, *args) as proc:
         try:
             _, stderr = proc.communicate(timeout=300)
         finally:
@@ -48,25 +52,12 @@ def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path
         assert run["app"]["ops"] > 0
     assert "### Targets" in (tmp_path / "XS.md").read_text()
     # Every database the benchmark created is gone.
-    with psycopg.connect(admin_url) as conn:
-        left = conn.execute(
-            "SELECT datname FROM pg_database WHERE datname LIKE %s",
-            (f"{PREFIX}_{proc.pid}_%",),
-        ).fetchall()
-    assert left == []
+    assert _databases(admin_url, f"{PREFIX}_{proc.pid}_%") == []
 
 
 def test_a_terminated_benchmark_drops_its_databases(admin_url: str, tmp_path: Path) -> None:
-    env = {**os.environ, "SESSION_CLEANUP_BENCH_ADMIN_URL": admin_url}
-    args = ["--scales", "XS", "--approaches", "limit", "--overhead-runs", "0", "--no-plots"]
-    with subprocess.Popen(
-        [sys.executable, "-m", "benchmarks", *args, "--out", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
+    args = ("--scales", "XS", "--approaches", "limit", "--overhead-runs", "0")
+    with _benchmark(admin_url, tmp_path, *args) as proc:
         try:
             mine = f"{PREFIX}_{proc.pid}_%"
             deadline = time.monotonic() + 120
