@@ -9,6 +9,7 @@ tests.model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -29,6 +30,19 @@ def _units(url: str, step: str, options: StepOptions = StepOptions()) -> set[str
     finally:
         engine.dispose()
     return seen
+
+
+def _insert_orphans(
+    url: str, count: int, *, per_session: int, age: Callable[[int], timedelta]
+) -> None:
+    """Insert ``count`` fingerprints whose sessions do not exist.
+
+    Fingerprint n has id ``uid(910_000 + n)``, session id ``uid(900_000 + n // per_session)``
+    and ``created_at = T - age(n)``.
+    """
+    for n in range(count):
+        missing = data.uid(900_000 + n // per_session)
+        data.insert_fingerprint(url, data.uid(910_000 + n), missing, T - age(n))
 
 
 def test_few_due_sessions_in_a_large_table_walk_the_partial_index(app_url: str) -> None:
@@ -106,9 +120,8 @@ def test_orphan_walk_takes_every_fingerprint_of_a_session_whatever_the_batch_siz
     # range ending inside such a run must take the rest of it, or skip it.
     data.boundaries(app_url)
     hour = timedelta(hours=1)
+    _insert_orphans(app_url, 40, per_session=4, age=lambda n: (1 + n % 3) * hour)
     for n in range(40):
-        missing = data.uid(900_000 + n // 4)  # orphans, four per missing session
-        data.insert_fingerprint(app_url, data.uid(910_000 + n), missing, T - (1 + n % 3) * hour)
         live = data.uid(102) if n % 2 else None  # a live session, and no session at all
         data.insert_fingerprint(app_url, data.uid(920_000 + n), live, T - 5 * hour)
     before = pg.snapshot(app_url)
@@ -135,9 +148,7 @@ def test_orphan_walk_rechecks_each_row_when_it_deletes(app_url: str, batch_size:
     # so its fingerprints are no longer orphans and must stay.
     data.boundaries(app_url)
     hour = timedelta(hours=1)
-    for n in range(12):
-        missing = data.uid(900_000 + n // 3)  # three fingerprints per missing session
-        data.insert_fingerprint(app_url, data.uid(910_000 + n), missing, T - 2 * hour)
+    _insert_orphans(app_url, 12, per_session=3, age=lambda n: 2 * hour)
     arrived = data.uid(900_001)
     at_pass_2: list[pg.Snapshot] = []
 
@@ -170,10 +181,7 @@ def test_orphan_walk_stopped_in_either_pass_leaves_whole_batches_and_no_temporar
     app_url: str, stop_in: str
 ) -> None:
     data.boundaries(app_url)
-    hour = timedelta(hours=1)
-    for n in range(40):
-        missing = data.uid(900_000 + n // 4)  # four orphans per missing session
-        data.insert_fingerprint(app_url, data.uid(910_000 + n), missing, T - 2 * hour)
+    _insert_orphans(app_url, 40, per_session=4, age=lambda n: timedelta(hours=2))
     before = pg.snapshot(app_url)
     calls: list[str] = []
 
