@@ -27,14 +27,18 @@ def session_options(
 ) -> str:
     """The libpq ``options`` string that sets our per-session limits on the server."""
     settings = {
-        "lock_timeout": lock_timeout_ms,
-        "statement_timeout": statement_timeout_ms,
-        "idle_in_transaction_session_timeout": idle_in_transaction_timeout_ms,
+        "lock_timeout": str(int(lock_timeout_ms)),
+        "statement_timeout": str(int(statement_timeout_ms)),
+        "idle_in_transaction_session_timeout": str(int(idle_in_transaction_timeout_ms)),
         # If this client dies mid-statement, the server notices within 2 s and rolls back
         # instead of finishing a batch nobody will commit (PostgreSQL 14+).
-        "client_connection_check_interval": 2000,
+        "client_connection_check_interval": "2000",
+        # A batch statement runs for milliseconds, but the planner costs some of them (a
+        # merge over the whole primary key, a window of many pages) above jit_above_cost:
+        # compiling them took 5-50 ms a batch, more than running them (README, "Performance").
+        "jit": "off",
     }
-    return " ".join(f"-c {name}={int(value)}" for name, value in settings.items())
+    return " ".join(f"-c {name}={value}" for name, value in settings.items())
 
 
 def make_engine(

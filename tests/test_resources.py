@@ -43,6 +43,7 @@ def test_each_session_sets_its_limits_and_application_name(database_url: str) ->
                     "statement_timeout",
                     "idle_in_transaction_session_timeout",
                     "client_connection_check_interval",
+                    "jit",
                 )
             }
     finally:
@@ -53,6 +54,7 @@ def test_each_session_sets_its_limits_and_application_name(database_url: str) ->
         "statement_timeout": "30s",
         "idle_in_transaction_session_timeout": "45s",
         "client_connection_check_interval": "2s",
+        "jit": "off",
     }
 
 
