@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import psycopg.errors
 import sqlalchemy as sa
@@ -191,6 +191,64 @@ class _Pace:
             return
         ideal = units / max(seconds, 1e-4) * self.target_s
         self.size = int(max(1, min(self.most, self.size * 2, max(self.size / 2, ideal))))
+
+
+class _Chooser:
+    """Runs, batch by batch, whichever of two plans last did more units per second.
+
+    Batch 0 runs the first plan, batch 1 the second, at the same size. From there the
+    faster one runs, and the other gets a batch again after 2 batches, then 4, 8, 16, 16, ...
+    while the faster one stays ahead (back to 2 when they swap). So a first measurement
+    that was off (a cold cache) is corrected early, a rate that changes later is still
+    seen, and the slower plan costs at most one batch in 17 once the choice is settled.
+    Each plan keeps its own pace: a batch of the slower plan is sized by its own last rate,
+    never larger than the faster plan's batches, so it too stays near the target duration.
+    """
+
+    MOST_BETWEEN = 16
+
+    def __init__(self, plans: tuple[str, str], first: int, most: int, target_s: float | None):
+        self.plans = plans
+        self.paces = {plan: _Pace(first, most, target_s) for plan in plans}
+        self.target_s = target_s
+        self.rates: dict[str, float] = {}
+        self.best = plans[0]
+        self.batches = 0
+        self.between = 2  # batches of the faster plan before the other's next one
+        self.since = 0  # batches of the faster plan since the other's last one
+
+    def _other(self) -> str:
+        return self.plans[1] if self.best == self.plans[0] else self.plans[0]
+
+    def next(self) -> tuple[str, int]:
+        """The plan for the next batch, and its size."""
+        if self.batches < len(self.plans):
+            plan = self.plans[self.batches]
+        else:
+            plan = self._other() if self.since >= self.between else self.best
+        pace = self.paces[plan]
+        rate = self.rates.get(plan)
+        if plan != self.best and rate is not None and self.target_s:
+            ideal = int(rate * self.target_s)
+            pace.size = max(1, min(self.paces[self.best].size, max(pace.size, ideal)))
+        return plan, pace.size
+
+    def observe(self, plan: str, units: int, seconds: float) -> None:
+        """What a batch of ``plan`` did; the next batch's plan follows from it."""
+        self.batches += 1
+        self.paces[plan].observe(units, seconds)
+        if units <= 0:
+            return
+        self.rates[plan] = units / max(seconds, 1e-4)
+        if len(self.rates) < len(self.plans):
+            return
+        best = max(self.rates, key=self.rates.__getitem__)
+        if best != self.best:
+            self.best, self.between, self.since = best, 2, 0
+        elif plan == self.best:
+            self.since += 1
+        else:
+            self.between, self.since = min(2 * self.between, self.MOST_BETWEEN), 0
 
 
 def _timed(
@@ -734,18 +792,35 @@ class _OrphanWalk:
 
     Every batch is its own transaction and changes nothing but whole batches; the temporary
     table dies with the connection, so a cancel or crash at any instant costs the next run
-    nothing but pass 1 again. Plans are pinned (``SET LOCAL``) to index ranges and
-    nested-loop probes: a seq scan, hash or merge join, which the planner may prefer for a
-    large range, reads a whole table per batch.
+    nothing but pass 1 again. Plans are pinned (``SET LOCAL``) to index ranges: a seq scan
+    or hash join, which the planner may prefer for a large range, reads a whole table per
+    batch.
+
+    Pass 1 has two ways to join its range with the primary key, and each is faster in its
+    turn, so the walk measures both and runs the faster (``_Chooser``):
+
+    - **probe**: a nested loop, one descent of the primary key per key of the range;
+    - **merge**: one scan of the primary key from the range's first key to its last. It
+      reads every session in between (3.3 per fingerprint in the reference data), which is
+      cheaper than the descents while those sessions' pages are all-visible, and dearer when
+      not (each then costs a heap fetch; so after an ``expire_sessions`` that ended many
+      sessions, until vacuum).
+
+    Pass 2 probes the primary key per row: its ids are sparse in the key space.
 
     Measured at L (single runs on identical copies; README, "Performance"): the one-statement
-    limit 3.2-3.6 s, one pass deleting as it goes 5.3-5.8 s, these two passes 3.9-4.0 s.
+    limit 3.2-3.6 s, one pass deleting as it goes 5.3-5.8 s, these two passes 3.9-4.0 s with
+    probes alone.
 
     Needs an index that leads with ``session_id`` (the step's prerequisites check for it)
     and the TEMPORARY privilege on the database (granted to PUBLIC by default).
     """
 
-    PLAN = ("enable_seqscan", "enable_hashjoin", "enable_mergejoin")
+    # Planner settings turned off for each plan (SET LOCAL, per batch).
+    PROBE = ("enable_seqscan", "enable_hashjoin", "enable_mergejoin")
+    MERGE = ("enable_seqscan", "enable_hashjoin", "enable_nestloop")
+    # Pass 1's two plans for joining a key range with the sessions' primary key.
+    FIND_PLANS: ClassVar[dict[str, tuple[str, ...]]] = {"probe": PROBE, "merge": MERGE}
 
     def __init__(
         self,
@@ -775,7 +850,10 @@ class _OrphanWalk:
         self.missing = 0
         self.done = 0
         self.deleting_since: float | None = None
-        self.find_pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
+        self.find = _Chooser(
+            ("probe", "merge"), FIRST_BATCH, options.batch_size, _target_s(options)
+        )
+        self.find_batches = dict.fromkeys(self.FIND_PLANS, 0)  # pass 1's batches, by plan
         self.pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
 
     def start(self, conn: sa.Connection) -> None:
@@ -815,12 +893,13 @@ class _OrphanWalk:
         finally:
             conn.close()
 
-    def _begin(self, conn: sa.Connection) -> None:
-        for name in self.PLAN:
-            conn.execute(sa.text(f"SET LOCAL {name} = off"))
-        conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
+    def _begin(self, conn: sa.Connection, plan: Sequence[str]) -> None:
+        """The batch's settings, in one round trip: its plan, and the short lock_timeout."""
+        settings = [(name, "off") for name in plan]
+        settings.append(("lock_timeout", f"{FAST_LOCK_TIMEOUT_MS}ms"))
+        conn.execute(sa.select(*(sa.func.set_config(n, v, sa.true()) for n, v in settings)))
 
-    def _find(self, limit: int) -> sa.Select[Any]:
+    def _find(self, limit: int, plan: str) -> sa.Select[Any]:
         """Pass 1's batch: its keys, their missing sessions appended to the temporary table.
 
         Returns one row: how many keys the range holds, its last key, how many ids it found.
@@ -833,7 +912,13 @@ class _OrphanWalk:
         # read once. MATERIALIZED: it is read three times below. The range can end inside a
         # session's fingerprints; the next starts after that key, which is recorded already.
         rng = keys.order_by(key).limit(limit).cte("range").prefix_with("MATERIALIZED")
-        missing = sa.select(rng.c.k).where(_no_session(self.sessions, rng.c.k)).distinct()
+        sessions = self.sessions
+        probe = sa.select(sessions.c.id).where(sessions.c.id == rng.c.k)
+        if plan == "merge" and self.low is not None:
+            # Redundant for the result (every key of the range is past low), but where the
+            # merge starts its scan of the primary key; it stops after the range's last key.
+            probe = probe.where(sessions.c.id > self.low)
+        missing = sa.select(rng.c.k).where(~probe.exists()).distinct()
         added = (
             sa.insert(self.found)
             .from_select(["id"], missing)
@@ -901,7 +986,7 @@ class _OrphanWalk:
             started = time.monotonic()
             try:
                 with _transaction(own) as conn:
-                    self._begin(conn)
+                    self._begin(conn, self.PROBE)
                     statement = self._delete(limit, dry_run, careful, want_samples)
                     taken, last, changed, samples = conn.execute(statement).one()
                     if not dry_run:
@@ -920,12 +1005,13 @@ class _OrphanWalk:
         return _Batch(int(changed), [str(i) for i in samples or []], taken >= limit)
 
     def _run_find(self, own: sa.Connection) -> _Batch:
-        limit = self.find_pace.size
+        plan, limit = self.find.next()
         started = time.monotonic()
         with _transaction(own) as conn:
-            self._begin(conn)
-            seen, last, added = conn.execute(self._find(limit)).one()
-        self.find_pace.observe(int(seen), time.monotonic() - started)
+            self._begin(conn, self.FIND_PLANS[plan])
+            seen, last, added = conn.execute(self._find(limit, plan)).one()
+        self.find.observe(plan, int(seen), time.monotonic() - started)
+        self.find_batches[plan] += 1
         self.seen += int(seen)
         self.missing += int(added)
         if last is not None:
@@ -1018,6 +1104,13 @@ def remove_orphan_fingerprints(
     ``NOT EXISTS``, never ``NOT IN``: ``NOT IN`` is empty as soon as one id is NULL, and it
     becomes a rescanning subplan once the session ids outgrow ``work_mem``.
     """
+    walk = _orphan_walk(engine, cutoff, options, grace, schema)
+    return _walk(engine, "remove_orphan_fingerprints", walk, cutoff, options, before_batch)
+
+
+def _orphan_walk(
+    engine: sa.Engine, cutoff: datetime, options: StepOptions, grace: timedelta, schema: str
+) -> _OrphanWalk:
     tables = t.reflect(schema)
     f, s = tables.fingerprints, tables.sessions
     orphan = [
@@ -1025,8 +1118,7 @@ def remove_orphan_fingerprints(
         f.c.created_at < cutoff - grace,
         _no_session(s, f.c.session_id),
     ]
-    walk = _OrphanWalk(engine, f, s, orphan, options)
-    return _walk(engine, "remove_orphan_fingerprints", walk, cutoff, options, before_batch)
+    return _OrphanWalk(engine, f, s, orphan, options)
 
 
 def database_now(engine: sa.Engine) -> datetime:

@@ -239,3 +239,80 @@ def test_orphan_walk_stopped_in_either_pass_leaves_whole_batches_and_no_temporar
     finally:
         engine.dispose()
     assert pg.snapshot(app_url) == full
+
+
+def _run_chooser(chooser: steps._Chooser, rates: dict[str, float], batches: int) -> list[str]:
+    """Plans the chooser picks for ``batches`` batches that run at ``rates`` units/s."""
+    ran = []
+    for _ in range(batches):
+        plan, size = chooser.next()
+        if plan != chooser.best:
+            # A batch of the slower plan is never larger than the faster one's batches.
+            assert size <= chooser.paces[chooser.best].size
+        ran.append(plan)
+        chooser.observe(plan, size, size / rates[plan])
+    return ran
+
+
+def test_chooser_runs_the_faster_plan_and_retries_the_other_ever_less_often() -> None:
+    chooser = steps._Chooser(("probe", "merge"), 1000, 50_000, 0.1)
+    ran = _run_chooser(chooser, {"probe": 100_000.0, "merge": 200_000.0}, 40)
+    # Each plan once, at the same size; then the faster, with the slower after 2, 4, 8,
+    # 16 and 16 batches of it.
+    assert ran[:2] == ["probe", "merge"]
+    assert [n for n, plan in enumerate(ran) if plan == "probe"] == [0, 4, 9, 18, 35]
+
+    # The slower plan's next batch finds it faster now: it takes over, and the retries of
+    # the other start again at every 2 batches.
+    ran = _run_chooser(chooser, {"probe": 400_000.0, "merge": 200_000.0}, 40)
+    after = ran[ran.index("probe") :]
+    assert [n for n, plan in enumerate(after) if plan == "merge"][:3] == [3, 8, 17]
+
+
+def test_orphan_walk_finds_the_same_ids_with_either_plan_of_pass_one(app_url: str) -> None:
+    # Pass 1 joins each key range with the sessions' primary key by probing it per key or
+    # by merging (the walk measures which is faster). Forced to one plan for the whole pass,
+    # each must find exactly the session ids no session has, and run as the plan it names.
+    data.boundaries(app_url)
+    _insert_orphans(app_url, 40, per_session=4, age=lambda n: timedelta(hours=2))
+    for n in range(30):
+        data.insert_fingerprint(app_url, data.uid(920_000 + n), data.uid(102), T)
+    before = pg.snapshot(app_url)
+    sessions = {row["id"] for row in before["after_hours_sessions"]}
+    missing = {
+        row["session_id"]
+        for row in before["device_fingerprints"]
+        if row["session_id"] is not None and row["session_id"] not in sessions
+    }
+    engine = pg.engine(app_url)
+    try:
+        for plan, join in [("probe", "Nested Loop Anti Join"), ("merge", "Merge Anti Join")]:
+            walk = steps._orphan_walk(engine, T, StepOptions(), timedelta(hours=1), "public")
+            walk.find = steps._Chooser((plan, plan), 3, 3, None)  # this plan, 3 keys a batch
+            with engine.connect() as conn:
+                walk.start(conn)
+            try:
+                while not walk.deleting:
+                    walk.run_batch(engine, 3, True, 0, lambda changed: None)
+                own = walk._own()
+                temporary = sa.text("SELECT id FROM pg_temp.session_cleanup_orphan_ids")
+                found = {str(row.id) for row in own.execute(temporary)}
+                own.rollback()
+                assert found == {str(i) for i in missing}, plan
+                assert (
+                    walk.find_batches[plan] > 3
+                    and sum(walk.find_batches.values()) == (walk.find_batches[plan])
+                )
+                with own.begin():
+                    walk._begin(own, walk.FIND_PLANS[plan])
+                    statement = walk._find(10, plan).compile(
+                        dialect=engine.dialect, compile_kwargs={"literal_binds": True}
+                    )
+                    shown = "\n".join(row[0] for row in own.exec_driver_sql(f"EXPLAIN {statement}"))
+            finally:
+                walk.finish()
+            assert join in shown, shown
+            assert "Seq Scan" not in shown, shown
+    finally:
+        engine.dispose()
+    assert pg.snapshot(app_url) == before
