@@ -16,8 +16,9 @@ index serves the condition:
   so ``WHERE created_at < x LIMIT n`` re-run per batch would rescan the already-cleaned
   prefix every time: quadratic. See ``_HeapWalk``.
 - ``remove_orphan_fingerprints`` walks the index on ``session_id`` by key ranges, so its
-  probes of the sessions' primary key run in key order: once to find the orphans' session
-  ids, once more to delete their fingerprints. See ``_OrphanWalk``.
+  joins with the sessions' primary key run in key order: once to find the orphans' session
+  ids (probing or merging, whichever measures faster), once more to delete their
+  fingerprints. See ``_OrphanWalk``.
 - ``expire_sessions`` walks the partial index on open sessions, keyset on (expires_at, id),
   when few sessions are due, and the heap like the others when many are (``_ExpireChoice``).
 
@@ -913,12 +914,12 @@ class _OrphanWalk:
         # session's fingerprints; the next starts after that key, which is recorded already.
         rng = keys.order_by(key).limit(limit).cte("range").prefix_with("MATERIALIZED")
         sessions = self.sessions
-        probe = sa.select(sessions.c.id).where(sessions.c.id == rng.c.k)
+        session = sa.select(sessions.c.id).where(sessions.c.id == rng.c.k)
         if plan == "merge" and self.low is not None:
             # Redundant for the result (every key of the range is past low), but where the
             # merge starts its scan of the primary key; it stops after the range's last key.
-            probe = probe.where(sessions.c.id > self.low)
-        missing = sa.select(rng.c.k).where(~probe.exists()).distinct()
+            session = session.where(sessions.c.id > self.low)
+        missing = sa.select(rng.c.k).where(~session.exists()).distinct()
         added = (
             sa.insert(self.found)
             .from_select(["id"], missing)
