@@ -195,7 +195,7 @@ class _Pace:
 
 
 class _Chooser:
-    """Runs, batch by batch, whichever of two plans last did more units per second.
+    """Runs, batch by batch, whichever of two plans has lately done more units per second.
 
     Batch 0 runs the first plan, batch 1 the second, at the same size. From there the
     faster one runs, and the other gets a batch again after 2 batches, then 4, 8, 16, 16, ...
@@ -240,7 +240,10 @@ class _Chooser:
         self.paces[plan].observe(units, seconds)
         if units <= 0:
             return
-        self.rates[plan] = units / max(seconds, 1e-4)
+        # Half the last batch, half the batches before it: one slow batch (a checkpoint, the
+        # app's load) halves a rate for one batch only, so it does not swap plans on its own.
+        rate = units / max(seconds, 1e-4)
+        self.rates[plan] = (self.rates[plan] + rate) / 2 if plan in self.rates else rate
         if len(self.rates) < len(self.plans):
             return
         best = max(self.rates, key=self.rates.__getitem__)

@@ -261,6 +261,11 @@ def test_chooser_runs_the_faster_plan_and_retries_the_other_ever_less_often() ->
     # 16 and 16 batches of it.
     assert ran[:2] == ["probe", "merge"]
     assert [n for n, plan in enumerate(ran) if plan == "probe"] == [0, 4, 9, 18, 35]
+    # One slow batch of the faster plan (a checkpoint, say) does not swap plans by itself.
+    plan, size = chooser.next()
+    assert plan == "merge"
+    chooser.observe(plan, size, size / 80_000.0)
+    assert chooser.best == "merge"
 
     # The slower plan's next batch finds it faster now: it takes over, and the retries of
     # the other start again at every 2 batches.
