@@ -211,10 +211,9 @@ class _Chooser:
     def __init__(self, plans: tuple[str, str], first: int, most: int, target_s: float | None):
         self.plans = plans
         self.paces = {plan: _Pace(first, most, target_s) for plan in plans}
-        self.target_s = target_s
         self.rates: dict[str, float] = {}
+        self.runs = dict.fromkeys(plans, 0)  # batches run, by plan
         self.best = plans[0]
-        self.batches = 0
         self.between = 2  # batches of the faster plan before the other's next one
         self.since = 0  # batches of the faster plan since the other's last one
 
@@ -223,20 +222,21 @@ class _Chooser:
 
     def next(self) -> tuple[str, int]:
         """The plan for the next batch, and its size."""
-        if self.batches < len(self.plans):
-            plan = self.plans[self.batches]
+        batches = sum(self.runs.values())
+        if batches < len(self.plans):
+            plan = self.plans[batches]
         else:
             plan = self._other() if self.since >= self.between else self.best
         pace = self.paces[plan]
         rate = self.rates.get(plan)
-        if plan != self.best and rate is not None and self.target_s:
-            ideal = int(rate * self.target_s)
+        if plan != self.best and rate is not None and pace.target_s:
+            ideal = int(rate * pace.target_s)
             pace.size = max(1, min(self.paces[self.best].size, max(pace.size, ideal)))
         return plan, pace.size
 
     def observe(self, plan: str, units: int, seconds: float) -> None:
         """What a batch of ``plan`` did; the next batch's plan follows from it."""
-        self.batches += 1
+        self.runs[plan] += 1
         self.paces[plan].observe(units, seconds)
         if units <= 0:
             return
@@ -857,7 +857,6 @@ class _OrphanWalk:
         self.find = _Chooser(
             ("probe", "merge"), FIRST_BATCH, options.batch_size, _target_s(options)
         )
-        self.find_batches = dict.fromkeys(self.FIND_PLANS, 0)  # pass 1's batches, by plan
         self.pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
 
     def start(self, conn: sa.Connection) -> None:
@@ -1015,7 +1014,6 @@ class _OrphanWalk:
             self._begin(conn, self.FIND_PLANS[plan])
             seen, last, added = conn.execute(self._find(limit, plan)).one()
         self.find.observe(plan, int(seen), time.monotonic() - started)
-        self.find_batches[plan] += 1
         self.seen += int(seen)
         self.missing += int(added)
         if last is not None:

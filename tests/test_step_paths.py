@@ -305,8 +305,8 @@ def test_orphan_walk_finds_the_same_ids_with_either_plan_of_pass_one(app_url: st
                 own.rollback()
                 assert found == {str(i) for i in missing}, plan
                 assert (
-                    walk.find_batches[plan] > 3
-                    and sum(walk.find_batches.values()) == (walk.find_batches[plan])
+                    walk.find.runs[plan] > 3
+                    and sum(walk.find.runs.values()) == (walk.find.runs[plan])
                 )
                 with own.begin():
                     walk._begin(own, walk.FIND_PLANS[plan])
