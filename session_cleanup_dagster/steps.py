@@ -490,6 +490,16 @@ class _ExpireChoice:
         pass
 
 
+def _begin_batch(conn: sa.Connection, off: Sequence[str] = ()) -> None:
+    """A writing batch's settings, for its transaction only, in one round trip.
+
+    ``lock_timeout`` is ``FAST_LOCK_TIMEOUT_MS``, and each planner setting in ``off`` is off.
+    """
+    settings = [(name, "off") for name in off]
+    settings.append(("lock_timeout", f"{FAST_LOCK_TIMEOUT_MS}ms"))
+    conn.execute(sa.select(*(sa.func.set_config(n, v, sa.true()) for n, v in settings)))
+
+
 def _target_s(options: StepOptions) -> float | None:
     return options.target_batch_ms / 1000 if options.target_batch_ms else None
 
@@ -622,7 +632,7 @@ class _HeapWalk:
                     changed, samples = conn.execute(_count_and_sample(source, want_samples)).one()
                     seen, last = 0, None
                 elif plain:
-                    conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
+                    _begin_batch(conn)
                     changed = conn.execute(self._write(where)).rowcount
                     seen, samples, last = changed, [], None
                     if changed > limit:
@@ -686,7 +696,7 @@ class _HeapWalk:
 
         Returns how many matched, how many changed, sample ids, and the last ctid taken.
         """
-        conn.execute(sa.text(f"SET LOCAL lock_timeout = {FAST_LOCK_TIMEOUT_MS}"))
+        _begin_batch(conn)
         picked = sa.select(self.ctid).where(*where).order_by(self.ctid).limit(limit).cte("picked")
         changed = (
             self._write([_ctid_in(sa.select(picked.c.ctid)), *self.condition])
@@ -896,12 +906,6 @@ class _OrphanWalk:
         finally:
             conn.close()
 
-    def _begin(self, conn: sa.Connection, plan: Sequence[str]) -> None:
-        """The batch's settings, in one round trip: its plan, and the short lock_timeout."""
-        settings = [(name, "off") for name in plan]
-        settings.append(("lock_timeout", f"{FAST_LOCK_TIMEOUT_MS}ms"))
-        conn.execute(sa.select(*(sa.func.set_config(n, v, sa.true()) for n, v in settings)))
-
     def _find(self, limit: int, plan: str) -> sa.Select[Any]:
         """Pass 1's batch: its keys, their missing sessions appended to the temporary table.
 
@@ -989,7 +993,7 @@ class _OrphanWalk:
             started = time.monotonic()
             try:
                 with _transaction(own) as conn:
-                    self._begin(conn, self.PROBE)
+                    _begin_batch(conn, self.PROBE)
                     statement = self._delete(limit, dry_run, careful, want_samples)
                     taken, last, changed, samples = conn.execute(statement).one()
                     if not dry_run:
@@ -1011,7 +1015,7 @@ class _OrphanWalk:
         plan, limit = self.find.next()
         started = time.monotonic()
         with _transaction(own) as conn:
-            self._begin(conn, self.FIND_PLANS[plan])
+            _begin_batch(conn, self.FIND_PLANS[plan])
             seen, last, added = conn.execute(self._find(limit, plan)).one()
         self.find.observe(plan, int(seen), time.monotonic() - started)
         self.seen += int(seen)

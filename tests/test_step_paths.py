@@ -309,7 +309,7 @@ def test_orphan_walk_finds_the_same_ids_with_either_plan_of_pass_one(app_url: st
                     and sum(walk.find.runs.values()) == (walk.find.runs[plan])
                 )
                 with own.begin():
-                    walk._begin(own, walk.FIND_PLANS[plan])
+                    steps._begin_batch(own, walk.FIND_PLANS[plan])
                     statement = walk._find(10, plan).compile(
                         dialect=engine.dialect, compile_kwargs={"literal_binds": True}
                     )
