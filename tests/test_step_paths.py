@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -43,6 +44,16 @@ def _insert_orphans(
     for n in range(count):
         missing = data.uid(900_000 + n // per_session)
         data.insert_fingerprint(url, data.uid(910_000 + n), missing, T - age(n))
+
+
+def _missing_session_ids(state: pg.Snapshot) -> set[Any]:
+    """The session ids fingerprints name that no session has (what pass 1 must find)."""
+    sessions = {row["id"] for row in state["after_hours_sessions"]}
+    return {
+        row["session_id"]
+        for row in state["device_fingerprints"]
+        if row["session_id"] is not None and row["session_id"] not in sessions
+    }
 
 
 def test_few_due_sessions_in_a_large_table_walk_the_partial_index(app_url: str) -> None:
@@ -217,14 +228,7 @@ def test_orphan_walk_stopped_in_either_pass_leaves_whole_batches_and_no_temporar
         else:
             # Two committed batches of two found session ids each, in key order: exactly
             # the due orphans of the first four ids that name no session.
-            sessions = ids["after_hours_sessions"]
-            found = sorted(
-                {
-                    row["session_id"]
-                    for row in before["device_fingerprints"]
-                    if row["session_id"] is not None and row["session_id"] not in sessions
-                }
-            )
+            found = sorted(_missing_session_ids(before))
             due = ids["device_fingerprints"] - {r["id"] for r in full["device_fingerprints"]}
             assert gone == {
                 row["id"]
@@ -283,12 +287,7 @@ def test_orphan_walk_finds_the_same_ids_with_either_plan_of_pass_one(app_url: st
     for n in range(30):
         data.insert_fingerprint(app_url, data.uid(920_000 + n), data.uid(102), T)
     before = pg.snapshot(app_url)
-    sessions = {row["id"] for row in before["after_hours_sessions"]}
-    missing = {
-        row["session_id"]
-        for row in before["device_fingerprints"]
-        if row["session_id"] is not None and row["session_id"] not in sessions
-    }
+    missing = _missing_session_ids(before)
     engine = pg.engine(app_url)
     try:
         for plan, join in [("probe", "Nested Loop Anti Join"), ("merge", "Merge Anti Join")]:
