@@ -91,12 +91,18 @@ def seed_template(server: Server, scale: str, users: int, anchor: datetime) -> t
         seed_database(engine, users, anchor=anchor)
     finally:
         engine.dispose()
-    with psycopg.connect(url, autocommit=True) as conn:
-        # Production tables are vacuumed by autovacuum (visibility map set, hint bits
-        # written); a freshly loaded one is not. Both approaches start from the same state.
-        conn.execute("VACUUM (ANALYZE)")
-        conn.execute("CHECKPOINT")
+    # Production tables are vacuumed by autovacuum (visibility map set, hint bits written);
+    # a freshly loaded one is not. Every approach starts from the same state.
+    vacuum(url, checkpoint=True)
     return name, time.monotonic() - started
+
+
+def vacuum(url: str, *, checkpoint: bool = False) -> None:
+    """``VACUUM (ANALYZE)`` the database, what autovacuum does to a table that changed."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
+        if checkpoint:
+            conn.execute("CHECKPOINT")
 
 
 def expected_state(url: str, cutoff: datetime) -> dict[str, int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 
+from benchmarks.approaches import STEPS
 from benchmarks.databases import PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def _benchmark(admin_url: str, out: Path, *args: str) -> subprocess.Popen[str]:
 
 
 def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path: Path) -> None:
-    args = ("--scales", "XS", "--idle-s", "1", "--overhead-runs", "0")
+    args = ("--scales", "XS", "--idle-s", "1", "--overhead-runs", "1")
     with _benchmark(admin_url, tmp_path, *args) as proc:
         try:
             _, stderr = proc.communicate(timeout=300)
@@ -50,7 +51,17 @@ def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path
         assert run["verified"]["ok"], (run["approach"], run["verified"])
         assert all(step["done"] for step in run["steps"].values()), run["approach"]
         assert run["app"]["ops"] > 0
-    assert "### Targets" in (tmp_path / "XS.md").read_text()
+    # The zero-row runs, right after the cleanup and after a VACUUM: nothing left to change.
+    (job,) = [run for run in runs if run["approach"] == "job"]
+    for when in ("zero_row", "zero_row_vacuumed"):
+        (zero,) = job[f"{when}_runs"]
+        assert zero["_job"]["success"], when
+        assert [zero[step]["rows"] for step in STEPS] == [0, 0, 0], (when, zero)
+        (floor,) = job[f"{when}_limit_runs"]
+        assert [floor[step]["rows"] for step in STEPS] == [0, 0, 0], (when, floor)
+    report = (tmp_path / "XS.md").read_text()
+    assert "### Targets" in report
+    assert "after a VACUUM (ANALYZE) of that copy" in report
     # Every database the benchmark created is gone.
     assert _databases(admin_url, f"{PREFIX}_{proc.pid}_%") == []
 
