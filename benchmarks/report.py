@@ -40,9 +40,12 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                     "wall_s": wall,
                     "rows": rows,
                     "rows_per_s": rows / wall if done and wall else None,
-                    "longest_batch_s": _median(
-                        [r["steps"][step].get("longest_batch_s") for r in runs]
-                    ),
+                    # The longest of any round, like the longest transaction.
+                    "longest_batch_s": max(
+                        (r["steps"][step].get("longest_batch_s") or 0.0 for r in runs),
+                        default=None,
+                    )
+                    or None,
                 }
             per[approach] = {
                 "steps": steps,
