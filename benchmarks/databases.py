@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ class Server:
         clause = ""
         if template:
             clause = f' TEMPLATE "{template}"'
-            if self._version_num() >= 150000:
+            if self._version_num >= 150000:
                 # PostgreSQL 15's default (WAL_LOG) writes the whole copy through the WAL: 463
                 # MB for an S copy, and at L more than max_wal_size, so the checkpoints it
                 # forces fell inside the measurement that followed. FILE_COPY copies the files
@@ -68,6 +69,7 @@ class Server:
         for name in list(reversed(self.created)):
             self.drop(name)
 
+    @functools.cached_property
     def _version_num(self) -> int:
         with psycopg.connect(self.admin_url) as conn:
             row = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()

@@ -42,10 +42,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                     "rows_per_s": rows / wall if done and wall else None,
                     # The longest of any round, like the longest transaction.
                     "longest_batch_s": max(
-                        (r["steps"][step].get("longest_batch_s") or 0.0 for r in runs),
+                        (b for r in runs if (b := r["steps"][step].get("longest_batch_s"))),
                         default=None,
-                    )
-                    or None,
+                    ),
                 }
             per[approach] = {
                 "steps": steps,

@@ -159,26 +159,22 @@ def measure(
             "due_before": {s: before[f"due_{s}"] for s in STEPS},
         }
         if approach == "job":
+
+            def repeat(what: str) -> list[dict[str, Any]]:
+                return [run_child(what, url, options.guard_s) for _ in range(options.overhead_runs)]
+
             # The same job again on the now clean copy: a run with nothing to change.
-            result["zero_row_runs"] = [
-                run_child("job", url, options.guard_s) for _ in range(options.overhead_runs)
-            ]
+            result["zero_row_runs"] = repeat("job")
             # And the limit's three statements on that copy: what merely finding that nothing
             # is due costs the database, the floor under any zero-row run.
-            result["zero_row_limit_runs"] = [
-                run_child("limit", url, options.guard_s) for _ in range(options.overhead_runs)
-            ]
+            result["zero_row_limit_runs"] = repeat("limit")
             # Both again once the copy is vacuumed, as a later night finds the tables after
             # autovacuum: the cleanup's deletes and updates cleared the visibility map, so
             # right after it an index-only read pays a heap fetch for most keys.
             if options.overhead_runs:
                 databases.vacuum(url)
-            result["zero_row_vacuumed_runs"] = [
-                run_child("job", url, options.guard_s) for _ in range(options.overhead_runs)
-            ]
-            result["zero_row_vacuumed_limit_runs"] = [
-                run_child("limit", url, options.guard_s) for _ in range(options.overhead_runs)
-            ]
+            result["zero_row_vacuumed_runs"] = repeat("job")
+            result["zero_row_vacuumed_limit_runs"] = repeat("limit")
     return result
 
 
