@@ -4,8 +4,9 @@
   Dagster's default run launcher, run monitoring cannot see a dead worker (after a SIGKILL of
   the whole stack the run stays STARTED forever). Each run holds a connection named
   ``session-cleanup run <run id>`` to the app database for its whole life (locking.py), so
-  "no such connection" means "no worker". The run is then marked failed and run_retries
-  re-runs it.
+  "no such connection" means "no worker", unless the run has logged an event lately: a
+  worker that cannot reach the database waits between retries (running.py) and logs each
+  one. The run is then marked failed and run_retries re-runs it.
 - ``session_cleanup_failure_alert`` posts every failed run to a webhook.
 - ``session_cleanup_staleness_alert`` posts when no cleanup run has succeeded for 26 hours.
 
@@ -86,6 +87,12 @@ def _describe_run(run: dg.DagsterRun) -> str:
     return f"run {run.run_id} ({where})"
 
 
+def _last_event_time(context: dg.SensorEvaluationContext, run_id: str, started: float) -> float:
+    """When the run last logged an event (its start, if it has logged none since)."""
+    latest = context.instance.get_records_for_run(run_id, limit=1, ascending=False).records
+    return max([started, *(r.timestamp for r in latest)])
+
+
 def build_sensors(job: dg.JobDefinition) -> list[dg.SensorDefinition]:
     """The three sensors, running by default."""
     job_name = job.name
@@ -96,7 +103,7 @@ def build_sensors(job: dg.JobDefinition) -> list[dg.SensorDefinition]:
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             "Fails a STARTED cleanup run whose run worker is gone (no connection of the run to "
-            "the app database for the grace period), so run_retries re-runs it."
+            "the app database and no event for the grace period), so run_retries re-runs it."
         ),
     )
     def session_cleanup_stuck_run_sensor(
@@ -125,10 +132,14 @@ def build_sensors(job: dg.JobDefinition) -> list[dg.SensorDefinition]:
         for record in runs:
             run = record.dagster_run
             started = record.start_time or record.create_timestamp.timestamp()
-            if run.run_id in alive or now - started < grace:
+            if run.run_id in alive:
+                continue
+            # A worker waiting to retry (running.py) has no connection but logs every retry.
+            quiet = now - _last_event_time(context, run.run_id, started)
+            if quiet < grace:
                 continue
             # Two looks at least `grace` apart: a worker reconnecting after a database restart
-            # (op retry backoff) is briefly without its connection.
+            # is briefly without its connection.
             first = missing.get(run.run_id, now)
             judged[run.run_id] = first
             if now - first < grace:
@@ -136,8 +147,9 @@ def build_sensors(job: dg.JobDefinition) -> list[dg.SensorDefinition]:
             message = (
                 f"Run worker gone: {_describe_run(run)} is STARTED but has had no connection "
                 f"'{locking.application_name(run.run_id)}' to the app database for "
-                f"{now - first:.0f} s (killed worker or stack). Marking it failed so that "
-                "run_retries re-runs it; every committed batch is complete."
+                f"{now - first:.0f} s, and has logged no event for {quiet:.0f} s (killed "
+                "worker or stack). Marking it failed so that run_retries re-runs it; every "
+                "committed batch is complete."
             )
             context.log.warning("%s", message)
             context.instance.report_run_failed(run, message)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,7 +31,6 @@ from tests.stack import (
     AlertServer,
     Stack,
     dagster_home,
-    free_port,
     instance,
     running_stack,
     wait_for,
@@ -39,9 +39,10 @@ from tests.stack import (
 
 PARTITION = "2026-11-27"  # its window ends at T
 DONE = {"SUCCESS", "FAILURE", "CANCELED"}
-# Batches of 3 make expire_sessions (the first op) take a few seconds on 400 seeded users
-# (300 due): long enough to interrupt it half-way; each batch is its own transaction.
-SLOW = {"expire_sessions": {"batch_size": 3}}
+# Batches of 1 make expire_sessions take a while (each batch is its own transaction): on
+# 2,000 seeded users (1,500 due) seconds even on a fast machine, long enough to kill or
+# interrupt it half-way.
+SLOW = {"expire_sessions": {"batch_size": 1}}
 
 
 def reseed(url: str, users: int) -> pg.Snapshot:
@@ -87,6 +88,20 @@ def wait_until_working(stack: Stack, run_id: str, url: str, before: pg.Snapshot)
     stack.wait_status(run_id, {"STARTED"} | DONE, timeout=60)
     wait_for("committed batches", lambda: ended_sessions(url) >= start + 15, 60, interval=0.05)
     assert stack.status(run_id) == "STARTED"
+
+
+def assert_stopped_mid_step(
+    env: dict[str, str], run_id: str, step: str = "expire_sessions"
+) -> None:
+    """The run ended while ``step`` was running: the interruption hit what it was meant to."""
+    with instance(env) as inst:
+        kinds = [
+            (e.step_key, e.dagster_event_type.value)
+            for e in inst.all_logs(run_id)
+            if e.dagster_event_type
+        ]
+    assert (step, "STEP_START") in kinds, kinds
+    assert (step, "STEP_SUCCESS") not in kinds, f"{step} had finished: {kinds}"
 
 
 def failure_text(inst: Any, run_id: str) -> str:
@@ -175,14 +190,14 @@ def test_sigkill_of_the_run_worker_fails_the_run_and_a_retry_finishes_with_its_c
     stack: Stack, env: dict[str, str], app_url: str
 ) -> None:
     """Unpartitioned: T is the database's now() at start, kept in a run tag the retry copies."""
-    before = reseed(app_url, 400)
-    run_id = stack.submit(per_op=SLOW)
-    wait_until_working(stack, run_id, app_url, before)
+    before = reseed(app_url, 2000)
     with instance(env) as inst:
-        pid = worker_pid(inst, run_id)
-    os.kill(pid, signal.SIGKILL)
+        run_id = stack.submit(per_op=SLOW)
+        wait_until_working(stack, run_id, app_url, before)
+        os.kill(worker_pid(inst, run_id), signal.SIGKILL)
     killed = time.monotonic()
     assert stack.wait_status(run_id, DONE, timeout=60) == "FAILURE"
+    assert_stopped_mid_step(env, run_id)
     print(f"\n[timing] worker SIGKILL -> run FAILURE: {time.monotonic() - killed:.2f} s")
     retry = wait_for("a retry run", lambda: retries_of(stack, run_id), 60)
     assert stack.wait_status(retry[0]["runId"], DONE, timeout=120) == "SUCCESS"
@@ -195,11 +210,12 @@ def test_sigkill_of_the_run_worker_fails_the_run_and_a_retry_finishes_with_its_c
 def test_whole_stack_killed_mid_run_is_failed_by_the_sensor_then_retried(
     stack: Stack, env: dict[str, str], app_url: str
 ) -> None:
-    before = reseed(app_url, 400)
+    before = reseed(app_url, 2000)
     run_id = stack.submit(partition=PARTITION, per_op=SLOW)
     wait_until_working(stack, run_id, app_url, before)
     stack.kill()
     assert_partly_cleaned(before, pg.snapshot(app_url), T)
+    assert_stopped_mid_step(env, run_id)
     with instance(env) as inst:
         run = inst.get_run_by_id(run_id)
         assert run is not None and run.status.value == "STARTED"  # nobody left to notice
@@ -265,28 +281,37 @@ def test_app_database_down_at_start_retries_with_backoff_then_fails_clearly(
     stack: Stack, env: dict[str, str], app_url: str, alerts: AlertServer
 ) -> None:
     before = reseed(app_url, 200)
-    # Nothing listens on this port: "connection refused", as with a database that is down.
-    # One op is enough (each op retries the same way), and saves two rounds of backoff.
-    down = f"postgresql://cleanup:hunter2@127.0.0.1:{free_port()}/app"
-    run_id = stack.submit(
-        partition=PARTITION, resources={"url": down}, op_selection=["expire_sessions"]
-    )
-    assert stack.wait_status(run_id, DONE, timeout=180) == "FAILURE"
+    # A host that takes the connection but never answers, as a database host that is down
+    # behind a firewall: every attempt waits out connect_timeout_s (2 s). Twelve attempts
+    # (three ops, each retried three times) plus the backoff last longer than the stuck-run
+    # sensor's two looks (2 x its 8 s grace) at a run without a connection to the app
+    # database. It must see the retries' events and leave the run alone.
+    silent = socket.create_server(("127.0.0.1", 0), backlog=0)
+    down = f"postgresql://cleanup:hunter2@127.0.0.1:{silent.getsockname()[1]}/app"
+    with silent:
+        run_id = stack.submit(partition=PARTITION, resources={"url": down, "connect_timeout_s": 2})
+        assert stack.wait_status(run_id, DONE, timeout=240) == "FAILURE"
     assert stack.ready(), "the code location must stay loaded"
     with instance(env) as inst:
         events = [e for e in inst.all_logs(run_id) if e.dagster_event_type]
         text = failure_text(inst, run_id)
         run = inst.get_run_by_id(run_id)
-    kinds = [e.dagster_event_type.value for e in events]  # type: ignore[union-attr]
-    assert kinds.count("STEP_UP_FOR_RETRY") == 3
-    # Backoff: 2, 4, 8 s, each with +-50 % jitter.
-    ups = [e.timestamp for e in events if e.dagster_event_type.value == "STEP_UP_FOR_RETRY"]  # type: ignore[union-attr]
-    restarts = [e.timestamp for e in events if e.dagster_event_type.value == "STEP_RESTARTED"]  # type: ignore[union-attr]
-    waits = [b - a for a, b in zip(ups, restarts, strict=True)]
-    print(f"\n[timing] retry waits: {', '.join(f'{w:.1f}' for w in waits)} s")
-    assert all(w >= 0.9 * 2**i for i, w in enumerate(waits)), waits
-    assert "Exceeded max_retries of 3" in text
-    assert "connection refused" in text.lower() and "127.0.0.1:" in text
+        record = inst.get_run_record_by_id(run_id)
+    assert record is not None and record.start_time and record.end_time
+    assert record.end_time - record.start_time > 2 * 8 + 2, "the sensor had no time to judge"
+    kinds = [(e.step_key, e.dagster_event_type.value, e.timestamp) for e in events]  # type: ignore[union-attr]
+    messages = "\n".join(e.message or "" for e in events)
+    assert "Run worker gone" not in messages, kinds
+    for op in ("expire_sessions", "purge_declines", "remove_orphan_fingerprints"):
+        ups = [when for step, kind, when in kinds if (step, kind) == (op, "STEP_UP_FOR_RETRY")]
+        restarts = [when for step, kind, when in kinds if (step, kind) == (op, "STEP_RESTARTED")]
+        assert len(ups) == len(restarts) == 3, kinds
+        # Backoff: 2, 4, 8 s, each with +-50 % jitter.
+        waits = [b - a for a, b in zip(ups, restarts, strict=True)]
+        print(f"\n[timing] {op} retry waits: {', '.join(f'{w:.1f}' for w in waits)} s")
+        assert all(w >= 0.9 * 2**i for i, w in enumerate(waits)), waits
+    assert text.count("Exceeded max_retries of 3") == 3
+    assert "timeout expired" in text.lower() and "127.0.0.1:" in text
     assert "usually temporary" in text
     assert "hunter2" not in text
     assert run is not None and run.tags.get("dagster/will_retry") == "false"
