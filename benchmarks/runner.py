@@ -134,7 +134,11 @@ def measure(
         before = databases.expected_state(url, CUTOFF)
         database = url.rsplit("/", 1)[1]
         spec = app_load.LoadSpec(
-            url, users, interval_s=options.load_interval_s, max_s=options.guard_s * 3 + 600
+            url,
+            users,
+            CUTOFF,
+            interval_s=options.load_interval_s,
+            max_s=options.guard_s * 3 + 600,
         )
         load = app_load.AppLoad(spec)
         with XactSampler(server.admin_url, database, options.sample_every_s) as sampler:
@@ -182,7 +186,8 @@ def idle_baseline(
     options: Options, server: databases.Server, template: str, users: int, tag: str
 ) -> dict[str, Any]:
     with server.copy(template, tag) as url:
-        load = app_load.AppLoad(app_load.LoadSpec(url, users, interval_s=options.load_interval_s))
+        spec = app_load.LoadSpec(url, users, CUTOFF, interval_s=options.load_interval_s)
+        load = app_load.AppLoad(spec)
         since = load.start()
         time.sleep(options.idle_s)
         app = app_load.summarize(load.stop(), since)
