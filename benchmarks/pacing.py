@@ -1,0 +1,113 @@
+"""``python -m benchmarks.pacing``: the app's latency while the steps run, by batch size and pause.
+
+Answers one question: does the app's p99 during a cleanup depend on how the cleanup paces
+itself? On copies of one seeded template it runs the app load (app_load.py) at idle, then
+during the three step functions (the job's order) at each ``--targets`` batch duration and
+each ``--pauses`` ratio (after every batch, sleep that many times the batch's duration: 1.0
+halves the write rate). It prints, per run, the steps' time and the app's latency by kind of
+write: session updates meet the rows ``expire_sessions`` locks, decline upserts never do.
+Nothing is asserted; compare lines within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import app_load, databases
+from benchmarks.__main__ import DEFAULT_ADMIN_URL
+from benchmarks.runner import CUTOFF
+from session_cleanup_dagster import steps
+from session_cleanup_dagster.resources import make_engine
+from session_cleanup_dagster.seed import parse_scale
+
+ORDER = ("remove_orphan_fingerprints", "expire_sessions", "purge_declines")
+Sample = tuple[float, float, str]
+
+
+def latency(samples: list[Sample]) -> str:
+    """``kind n p50/p99/max ms`` for sessions, declines and both."""
+    parts = []
+    for kind in ("session", "decline", None):
+        xs = sorted(s[1] * 1000 for s in samples if kind is None or s[2] == kind)
+        if not xs:
+            continue
+
+        def pct(p: float, xs: list[float] = xs) -> float:
+            return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+        parts.append(f"{kind or 'all'} {len(xs)} {pct(0.5):.2f}/{pct(0.99):.2f}/{xs[-1]:.1f}")
+    return "; ".join(parts)
+
+
+def pacer(pause: float) -> Callable[[steps.Progress], None]:
+    """A before_batch hook that sleeps ``pause`` times the last batch's duration."""
+    last: list[float] = []
+
+    def hook(_: steps.Progress) -> None:
+        now = time.monotonic()
+        if pause and last:
+            time.sleep((now - last[0]) * pause)
+        last[:] = [time.monotonic()]
+
+    return hook
+
+
+def cleanup_under_load(url: str, users: int, target: int, pause: float) -> str:
+    engine = make_engine(url)
+    load = app_load.AppLoad(app_load.LoadSpec(url, users, CUTOFF))
+    load.start()
+    started = time.monotonic()
+    took: dict[str, Any] = {}
+    try:
+        options = steps.StepOptions(target_batch_ms=target)
+        for name in ORDER:
+            t0 = time.monotonic()
+            result = getattr(steps, name)(engine, CUTOFF, options, before_batch=pacer(pause))
+            took[name] = f"{time.monotonic() - t0:.2f} s/{result.batches}"
+    finally:
+        samples = load.stop()
+        engine.dispose()
+    during = [s for s in samples if s[0] >= started]
+    return f"steps {took}; app {latency(during)}"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pacing", description=__doc__)
+    parser.add_argument("--scale", default="S")
+    parser.add_argument("--targets", default="100,50,25", help="target_batch_ms values")
+    parser.add_argument("--pauses", default="0,1", help="pause / batch duration ratios")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--idle-s", type=float, default=5.0)
+    parser.add_argument(
+        "--admin-url", default=os.environ.get("SESSION_CLEANUP_BENCH_ADMIN_URL", DEFAULT_ADMIN_URL)
+    )
+    args = parser.parse_args(argv)
+    users = parse_scale(args.scale)
+    server = databases.Server(args.admin_url)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        template, _ = databases.seed_template(server, "pacing", users, CUTOFF)
+        for round_ in range(1, args.rounds + 1):
+            with server.copy(template, f"idle{round_}") as url:
+                load = app_load.AppLoad(app_load.LoadSpec(url, users, CUTOFF))
+                load.start()
+                time.sleep(args.idle_s)
+                print(f"round {round_} idle: app {latency(load.stop())}", flush=True)
+            for pause in (float(p) for p in args.pauses.split(",")):
+                for target in (int(t) for t in args.targets.split(",")):
+                    with server.copy(template, f"t{target}_{round_}") as url:
+                        line = cleanup_under_load(url, users, target, pause)
+                    print(f"round {round_} target {target} ms, pause {pause}: {line}", flush=True)
+    finally:
+        server.drop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
