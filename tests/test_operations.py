@@ -195,7 +195,7 @@ def test_sigkill_of_the_run_worker_fails_the_run_and_a_retry_finishes_with_its_c
         run_id = stack.submit(per_op=SLOW)
         wait_until_working(stack, run_id, app_url, before)
         os.kill(worker_pid(inst, run_id), signal.SIGKILL)
-    killed = time.monotonic()
+        killed = time.monotonic()
     assert stack.wait_status(run_id, DONE, timeout=60) == "FAILURE"
     assert_stopped_mid_step(env, run_id)
     print(f"\n[timing] worker SIGKILL -> run FAILURE: {time.monotonic() - killed:.2f} s")
