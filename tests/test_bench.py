@@ -1,4 +1,5 @@
 """The benchmark command, as a smoke run at scale XS: it runs every approach and verifies.
+Also ``benchmarks.pacing``, which must run and measure what it says.
 
 Touches: benchmarks/ end to end (seeding, the old and limit statements, the job through
 Dagster, the step functions, the app load, the report) on the test server. It asserts that
@@ -87,6 +88,35 @@ def test_a_terminated_benchmark_drops_its_databases(admin_url: str, tmp_path: Pa
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert _databases(admin_url, mine) == []
+
+
+def test_pacing_measures_idle_and_each_setting_and_drops_its_databases(admin_url: str) -> None:
+    args = ("--scale", "XS", "--targets", "100,25", "--pauses", "0,1", "--rounds", "1")
+    with subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.pacing", *args, "--idle-s", "1"],
+        cwd=REPO,
+        env={**os.environ, "SESSION_CLEANUP_BENCH_ADMIN_URL": admin_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "round 1 idle",
+        "round 1 target 100 ms, pause 0.0",
+        "round 1 target 25 ms, pause 0.0",
+        "round 1 target 100 ms, pause 1.0",
+        "round 1 target 25 ms, pause 1.0",
+    ], lines
+    # Every line measured both kinds of app write.
+    assert all("session " in line and "decline " in line for line in lines), lines
+    assert all("remove_orphan_fingerprints" in line for line in lines[1:]), lines
+    assert _databases(admin_url, f"{PREFIX}_{proc.pid}_%") == []
 
 
 def _databases(admin_url: str, pattern: str) -> list[str]:
