@@ -66,11 +66,11 @@ class LoadSpec:
 def _worker(spec: LoadSpec, kind: str, stop: Any, out: list[tuple[float, float, str]]) -> None:
     rng = random.Random(f"{spec.seed}-{kind}")
     with psycopg.connect(spec.url, autocommit=True, application_name=APP_NAME) as conn:
-        decliners = (
-            [r[0] for r in conn.execute(STAYING_OPEN, (spec.cutoff,))] if kind == "decline" else []
-        )
-        if kind == "decline" and not decliners:
-            raise RuntimeError(f"no session stays open past {spec.cutoff}: nobody to decline")
+        decliners: list[str] = []
+        if kind == "decline":
+            decliners = [r[0] for r in conn.execute(STAYING_OPEN, (spec.cutoff,))]
+            if not decliners:
+                raise RuntimeError(f"no session stays open past {spec.cutoff}: nobody to decline")
         started = time.monotonic()
         next_at = started
         count = 0
@@ -141,22 +141,32 @@ class AppLoad:
         return list(samples)
 
 
-def summarize(samples: list[tuple[float, float, str]], since: float) -> dict[str, Any]:
-    """p50/p99/max in ms, the count, and writes that waited over a second."""
-    latencies = sorted(s[1] for s in samples)
+def percentiles(seconds: list[float]) -> dict[str, Any]:
+    """The count, and p50/p99/max in ms (None without samples), of latencies in seconds."""
+    latencies = sorted(seconds)
     if not latencies:
-        return {"ops": 0, "p50_ms": None, "p99_ms": None, "max_ms": None, "over_1s": 0}
+        return {"ops": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
 
     def pct(p: float) -> float:
         return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
 
     return {
         "ops": len(latencies),
-        "ops_by_kind": {k: sum(1 for s in samples if s[2] == k) for k in ("session", "decline")},
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
         "max_ms": round(latencies[-1] * 1000, 2),
-        "over_1s": sum(1 for x in latencies if x > 1.0),
+    }
+
+
+def summarize(samples: list[tuple[float, float, str]], since: float) -> dict[str, Any]:
+    """p50/p99/max in ms, the count, and writes that waited over a second."""
+    stats = percentiles([s[1] for s in samples])
+    if not samples:
+        return {**stats, "over_1s": 0}
+    return {
+        **stats,
+        "ops_by_kind": {k: sum(1 for s in samples if s[2] == k) for k in ("session", "decline")},
+        "over_1s": sum(1 for s in samples if s[1] > 1.0),
         # For the latency-over-time plot: seconds since the cleanup started, ms.
         "series": [(round(s[0] - since, 3), round(s[1] * 1000, 2)) for s in samples],
     }

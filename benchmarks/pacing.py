@@ -20,13 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks import app_load, databases
-from benchmarks.__main__ import DEFAULT_ADMIN_URL
+from benchmarks.__main__ import DEFAULT_ADMIN_URL, _exit_on_sigterm
+from benchmarks.approaches import JOB_ORDER
 from benchmarks.runner import CUTOFF
 from session_cleanup_dagster import steps
 from session_cleanup_dagster.resources import make_engine
 from session_cleanup_dagster.seed import parse_scale
 
-ORDER = ("remove_orphan_fingerprints", "expire_sessions", "purge_declines")
 Sample = tuple[float, float, str]
 
 
@@ -34,14 +34,12 @@ def latency(samples: list[Sample]) -> str:
     """``kind n p50/p99/max ms`` for sessions, declines and both."""
     parts = []
     for kind in ("session", "decline", None):
-        xs = sorted(s[1] * 1000 for s in samples if kind is None or s[2] == kind)
-        if not xs:
-            continue
-
-        def pct(p: float, xs: list[float] = xs) -> float:
-            return xs[min(len(xs) - 1, int(p * len(xs)))]
-
-        parts.append(f"{kind or 'all'} {len(xs)} {pct(0.5):.2f}/{pct(0.99):.2f}/{xs[-1]:.1f}")
+        stats = app_load.percentiles([s[1] for s in samples if kind is None or s[2] == kind])
+        if stats["ops"]:
+            parts.append(
+                f"{kind or 'all'} {stats['ops']} "
+                f"{stats['p50_ms']:.2f}/{stats['p99_ms']:.2f}/{stats['max_ms']:.1f}"
+            )
     return "; ".join(parts)
 
 
@@ -66,7 +64,7 @@ def cleanup_under_load(url: str, users: int, target: int, pause: float) -> str:
     took: dict[str, Any] = {}
     try:
         options = steps.StepOptions(target_batch_ms=target)
-        for name in ORDER:
+        for name in JOB_ORDER:
             t0 = time.monotonic()
             result = getattr(steps, name)(engine, CUTOFF, options, before_batch=pacer(pause))
             took[name] = f"{time.monotonic() - t0:.2f} s/{result.batches}"
@@ -90,7 +88,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     users = parse_scale(args.scale)
     server = databases.Server(args.admin_url)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         template, _ = databases.seed_template(server, "pacing", users, CUTOFF)
         for round_ in range(1, args.rounds + 1):
