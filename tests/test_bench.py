@@ -25,16 +25,22 @@ from benchmarks.databases import PREFIX
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _benchmark(admin_url: str, out: Path, *args: str) -> subprocess.Popen[str]:
-    """``python -m benchmarks`` against the test server, as a user runs it; stderr captured."""
+def _python_m(admin_url: str, module: str, *args: str, stdout: int) -> subprocess.Popen[str]:
+    """``python -m module`` against the test server, as a user runs it; stderr captured."""
     return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks", *args, "--no-plots", "--out", str(out)],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env={**os.environ, "SESSION_CLEANUP_BENCH_ADMIN_URL": admin_url},
-        stdout=subprocess.DEVNULL,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _benchmark(admin_url: str, out: Path, *args: str) -> subprocess.Popen[str]:
+    """``python -m benchmarks``, without plots, its results in ``out``."""
+    extra = ("--no-plots", "--out", str(out))
+    return _python_m(admin_url, "benchmarks", *args, *extra, stdout=subprocess.DEVNULL)
 
 
 def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path: Path) -> None:
@@ -91,15 +97,19 @@ def test_a_terminated_benchmark_drops_its_databases(admin_url: str, tmp_path: Pa
 
 
 def test_pacing_measures_idle_and_each_setting_and_drops_its_databases(admin_url: str) -> None:
-    args = ("--scale", "XS", "--targets", "100,25", "--pauses", "0,1", "--rounds", "1")
-    with subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.pacing", *args, "--idle-s", "1"],
-        cwd=REPO,
-        env={**os.environ, "SESSION_CLEANUP_BENCH_ADMIN_URL": admin_url},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
+    args = (
+        "--scale",
+        "XS",
+        "--targets",
+        "100,25",
+        "--pauses",
+        "0,1",
+        "--rounds",
+        "1",
+        "--idle-s",
+        "1",
+    )
+    with _python_m(admin_url, "benchmarks.pacing", *args, stdout=subprocess.PIPE) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=300)
         finally:
