@@ -56,8 +56,10 @@ class Server:
                 # forces fell inside the measurement that followed. FILE_COPY copies the files
                 # and checkpoints before it returns (2 kB of WAL, and faster).
                 clause += " STRATEGY FILE_COPY"
-        self._admin(f'CREATE DATABASE "{name}"{clause}')
+        # Recorded before it exists: a SIGTERM between the CREATE and the record would
+        # otherwise leave it behind (drop uses IF EXISTS).
         self.created.append(name)
+        self._admin(f'CREATE DATABASE "{name}"{clause}')
         return name
 
     def drop(self, name: str) -> None:
