@@ -4,7 +4,9 @@ Answers one question: does the app's p99 during a cleanup depend on how the clea
 itself? On copies of one seeded template it runs the app load (app_load.py) at idle, then
 during the three step functions (the job's order) at each ``--targets`` batch duration and
 each ``--pauses`` ratio (after every batch, sleep that many times the batch's duration: 1.0
-halves the write rate). It prints, per run, the steps' time and the app's latency by kind of
+halves the write rate), and each ``--commits`` mode of the batches: ``async`` as the steps
+commit (``steps.ASYNC_COMMIT``), or ``sync``, waiting for each batch's WAL flush as they
+did before 2026-11-29. It prints, per run, the steps' time and the app's latency by kind of
 write: session updates meet the rows ``expire_sessions`` locks, decline upserts never do.
 Nothing is asserted; compare lines within one run.
 """
@@ -19,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy as sa
+
 from benchmarks import app_load, databases
 from benchmarks.__main__ import DEFAULT_ADMIN_URL, _exit_on_sigterm
 from benchmarks.approaches import JOB_ORDER
@@ -28,6 +32,9 @@ from session_cleanup_dagster.resources import make_engine
 from session_cleanup_dagster.seed import parse_scale
 
 Sample = tuple[float, float, str]
+
+# What each batch runs first, by --commits mode.
+COMMITS = {"async": steps.ASYNC_COMMIT, "sync": sa.text("SET LOCAL synchronous_commit = on")}
 
 
 def latency(samples: list[Sample]) -> str:
@@ -56,12 +63,15 @@ def pacer(pause: float) -> Callable[[steps.Progress], None]:
     return hook
 
 
-def cleanup_under_load(url: str, users: int, target: int, pause: float) -> str:
+def cleanup_under_load(
+    url: str, users: int, target: int, pause: float, commit: str = "async"
+) -> str:
     engine = make_engine(url)
     load = app_load.AppLoad(app_load.LoadSpec(url, users, CUTOFF))
     load.start()
     started = time.monotonic()
     took: dict[str, Any] = {}
+    steps.ASYNC_COMMIT = COMMITS[commit]
     try:
         options = steps.StepOptions(target_batch_ms=target)
         for name in JOB_ORDER:
@@ -69,6 +79,7 @@ def cleanup_under_load(url: str, users: int, target: int, pause: float) -> str:
             result = getattr(steps, name)(engine, CUTOFF, options, before_batch=pacer(pause))
             took[name] = f"{time.monotonic() - t0:.2f} s/{result.batches}"
     finally:
+        steps.ASYNC_COMMIT = COMMITS["async"]
         samples = load.stop()
         engine.dispose()
     during = [s for s in samples if s[0] >= started]
@@ -80,6 +91,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--scale", default="S")
     parser.add_argument("--targets", default="100,50,25", help="target_batch_ms values")
     parser.add_argument("--pauses", default="0,1", help="pause / batch duration ratios")
+    parser.add_argument("--commits", default="async", help="batch commit modes: async, sync")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--idle-s", type=float, default=5.0)
     parser.add_argument(
@@ -97,11 +109,19 @@ def main(argv: list[str]) -> int:
                 load.start()
                 time.sleep(args.idle_s)
                 print(f"round {round_} idle: app {latency(load.stop())}", flush=True)
-            for pause in (float(p) for p in args.pauses.split(",")):
-                for target in (int(t) for t in args.targets.split(",")):
-                    with server.copy(template, f"t{target}_{round_}") as url:
-                        line = cleanup_under_load(url, users, target, pause)
-                    print(f"round {round_} target {target} ms, pause {pause}: {line}", flush=True)
+            settings = [
+                (float(pause), int(target), commit)
+                for pause in args.pauses.split(",")
+                for target in args.targets.split(",")
+                for commit in args.commits.split(",")
+            ]
+            for pause, target, commit in settings:
+                with server.copy(template, f"t{target}_{round_}") as url:
+                    line = cleanup_under_load(url, users, target, pause, commit)
+                print(
+                    f"round {round_} target {target} ms, pause {pause}, {commit} commits: {line}",
+                    flush=True,
+                )
     finally:
         server.drop_all()
     return 0

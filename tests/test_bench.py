@@ -104,6 +104,8 @@ def test_pacing_measures_idle_and_each_setting_and_drops_its_databases(admin_url
         "100,25",
         "--pauses",
         "0,1",
+        "--commits",
+        "async,sync",
         "--rounds",
         "1",
         "--idle-s",
@@ -118,10 +120,12 @@ def test_pacing_measures_idle_and_each_setting_and_drops_its_databases(admin_url
     lines = stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
         "round 1 idle",
-        "round 1 target 100 ms, pause 0.0",
-        "round 1 target 25 ms, pause 0.0",
-        "round 1 target 100 ms, pause 1.0",
-        "round 1 target 25 ms, pause 1.0",
+        *(
+            f"round 1 target {target} ms, pause {pause}, {commit} commits"
+            for pause in ("0.0", "1.0")
+            for target in (100, 25)
+            for commit in ("async", "sync")
+        ),
     ], lines
     # Every line measured both kinds of app write.
     assert all("session " in line and "decline " in line for line in lines), lines

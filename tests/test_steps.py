@@ -6,11 +6,13 @@ whole state of all four tables to tests.model, which encodes DESIGN.md's contrac
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import timedelta
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 
 from session_cleanup_dagster import steps
 from session_cleanup_dagster.steps import StepOptions
@@ -21,13 +23,17 @@ from tests.data import T, uid
 def run_all(url: str, cutoff=T, options: StepOptions = StepOptions()) -> dict[str, int]:
     engine = pg.engine(url)
     try:
-        return {
-            "sessions": steps.expire_sessions(engine, cutoff, options).changed,
-            "declines": steps.purge_declines(engine, cutoff, options).changed,
-            "fingerprints": steps.remove_orphan_fingerprints(engine, cutoff, options).changed,
-        }
+        return run_all_on(engine, options, cutoff)
     finally:
         engine.dispose()
+
+
+def run_all_on(engine: sa.Engine, options: StepOptions, cutoff=T) -> dict[str, int]:
+    return {
+        "sessions": steps.expire_sessions(engine, cutoff, options).changed,
+        "declines": steps.purge_declines(engine, cutoff, options).changed,
+        "fingerprints": steps.remove_orphan_fingerprints(engine, cutoff, options).changed,
+    }
 
 
 def test_every_rule_at_its_boundaries(app_url: str) -> None:
@@ -104,6 +110,41 @@ def test_batch_size_does_not_change_the_end_state(app_url: str, batch_size: int)
     before = pg.snapshot(app_url)
     run_all(app_url, options=StepOptions(batch_size=batch_size))
     assert pg.snapshot(app_url) == model.cleanup(before, T)
+
+
+# A statement that changes the app's rows (an UPDATE or DELETE, perhaps inside a CTE).
+WRITE = re.compile(r"\b(UPDATE|DELETE FROM) public\.(after_hours_|device_fingerprints)")
+
+
+def test_every_batch_commits_without_waiting_for_its_wal_flush(app_url: str) -> None:
+    """Each transaction that changes the app's rows starts with synchronous_commit off."""
+    data.boundaries(app_url)
+    before = pg.snapshot(app_url)
+    engine = pg.engine(app_url)
+    open_: dict[int, list[str]] = {}
+    committed: list[list[str]] = []
+
+    @sa.event.listens_for(engine, "begin")
+    def begin(conn: sa.Connection) -> None:
+        open_[id(conn)] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def statement(conn: sa.Connection, cursor, sql: str, *args: object) -> None:
+        open_.setdefault(id(conn), []).append(sql)
+
+    @sa.event.listens_for(engine, "commit")
+    def commit(conn: sa.Connection) -> None:
+        committed.append(open_.pop(id(conn), []))
+
+    # Batches of 1: many transactions, on the orphan walk's own connection too.
+    run_all_on(engine, StepOptions(batch_size=1))
+    engine.dispose()
+    assert pg.snapshot(app_url) == model.cleanup(before, T)
+    writing = [sqls for sqls in committed if any(WRITE.search(sql) for sql in sqls)]
+    # Batches of one row: at least one per change of the boundaries' 7.
+    assert len(writing) >= 3 + 2 + 2, committed
+    for sqls in writing:
+        assert sqls[0] == "SET LOCAL synchronous_commit = off", sqls
 
 
 def test_batch_size_one_makes_one_transaction_per_row(app_url: str) -> None:
