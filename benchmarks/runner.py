@@ -182,16 +182,53 @@ def measure(
     return result
 
 
+# A query that keeps one backend on a CPU for a while and touches no table: no lock, no
+# page of the app's tables, no WAL. Run back to back, it costs the app what any work that
+# occupies one core of the server's machine costs it, and nothing a cleanup adds to that.
+BUSY_SQL = "SELECT count(*) FROM generate_series(1, 2000000)"
+
+
+def _compute(url: str, stop: threading.Event) -> int:
+    """Runs BUSY_SQL back to back until ``stop``; returns how many ran."""
+    done = 0
+    with psycopg.connect(url, autocommit=True, application_name=APP_NAME) as conn:
+        while not stop.is_set():
+            conn.execute(BUSY_SQL).fetchone()
+            done += 1
+    return done
+
+
 def idle_baseline(
-    options: Options, server: databases.Server, template: str, users: int, tag: str
+    options: Options,
+    server: databases.Server,
+    template: str,
+    users: int,
+    tag: str,
+    busy: bool = False,
 ) -> dict[str, Any]:
+    """The app's latency with no cleanup; with ``busy``, while one backend only computes."""
     with server.copy(template, tag) as url:
         spec = app_load.LoadSpec(url, users, CUTOFF, interval_s=options.load_interval_s)
         load = app_load.AppLoad(spec)
         since = load.start()
-        time.sleep(options.idle_s)
-        app = app_load.summarize(load.stop(), since)
+        stop = threading.Event()
+        queries: list[int] = []
+        worker = threading.Thread(target=lambda: queries.append(_compute(url, stop)))
+        if busy:
+            worker.start()
+        try:
+            time.sleep(options.idle_s)
+        finally:
+            stop.set()
+            if busy:
+                worker.join(60)
+            samples = load.stop()
+        app = app_load.summarize(samples, since)
         app["series"] = _bins(app["series"])
+        if busy:
+            if not queries:
+                raise RuntimeError("the busy baseline's query failed; see the log above")
+            app["busy_queries"] = queries[0]
         return app
 
 
@@ -212,6 +249,10 @@ def run(options: Options) -> dict[str, Any]:
             results["scales"][scale] = entry
             log.info("%s: seeded in %.1f s; idle app baseline", scale, seed_s)
             entry["idle"] = idle_baseline(options, server, template, users, f"{scale}_idle")
+            log.info("%s: app baseline while one backend only computes", scale)
+            entry["busy"] = idle_baseline(
+                options, server, template, users, f"{scale}_busy", busy=True
+            )
             for rep in range(options.repeat):
                 for approach in options.approaches:
                     if approach == "old" and rep > 0:

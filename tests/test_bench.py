@@ -71,8 +71,14 @@ def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path
         expected = [0, 0, 0]
         (floor,) = job[f"{when}_limit_runs"]
         assert [floor[step]["rows"] for step in STEPS] == expected, (when, floor)
+    # The app's baselines: idle, and while one backend only computes.
+    scale = results["scales"]["XS"]
+    for baseline in ("idle", "busy"):
+        assert all(n > 0 for n in scale[baseline]["ops_by_kind"].values()), baseline
+    assert scale["busy"]["busy_queries"] > 0
     report = (tmp_path / "XS.md").read_text()
     assert "### Targets" in report
+    assert "app while one backend only computes" in report
     assert "after a VACUUM (ANALYZE) of that copy" in report
     # Every database the benchmark created is gone.
     assert _databases(admin_url, f"{PREFIX}_{proc.pid}_%") == []
