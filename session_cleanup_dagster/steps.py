@@ -56,12 +56,13 @@ FIRST_BATCH = 1000
 FAST_LOCK_TIMEOUT_MS = 50
 # Every batch commits asynchronously. A synchronous commit makes each batch wait for its
 # WAL flush, and the app's commits queue behind those flushes: sampled during a cleanup at
-# S, the app's writes were waiting on WALSync in 57 % of their time (35 % at idle).
-# Measured with ``python -m benchmarks.pacing --commits async,sync`` at S, 9 paired rounds:
-# the app's p99 during the cleanup was lower in 8 (median 5.3 against 8.0 ms), and the steps
-# no slower. The cost: a server crash may lose the last batches' commits (those of about the
-# last three wal_writer_delay, 600 ms by default), each whole, so the data stays consistent
-# and the next run changes those rows again. The app's own commits are unaffected.
+# S, the app's writes were waiting on WALSync in 60 % of their time (35 % at idle).
+# Measured with ``python -m benchmarks.pacing --commits async,sync`` at S, 5 paired rounds:
+# the app's p99 during the cleanup was lower in 4 (median 5.3 against 7.5 ms; README,
+# "Performance"), and the steps no slower. The cost: a server crash may lose the last
+# batches' commits (those of about the last three wal_writer_delay, 600 ms by default),
+# each whole, so the data stays consistent and the next run changes those rows again. The
+# app's own commits are unaffected.
 ASYNC_COMMIT = sa.text("SET LOCAL synchronous_commit = off")
 # expire_sessions walks the heap instead of the partial index when the due rows number at
 # least one per this many pages of the table (then most pages hold a due row anyway).
