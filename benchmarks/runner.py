@@ -213,14 +213,15 @@ def idle_baseline(
         since = load.start()
         stop = threading.Event()
         queries: list[int] = []
-        worker = threading.Thread(target=lambda: queries.append(_compute(url, stop)))
+        worker = None
         if busy:
+            worker = threading.Thread(target=lambda: queries.append(_compute(url, stop)))
             worker.start()
         try:
             time.sleep(options.idle_s)
         finally:
             stop.set()
-            if busy:
+            if worker is not None:
                 worker.join(60)
             samples = load.stop()
         app = app_load.summarize(samples, since)
