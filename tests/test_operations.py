@@ -123,6 +123,31 @@ def retries_of(stack: Stack, run_id: str) -> list[dict[str, Any]]:
     )
 
 
+def wait_for_retry(stack: Stack, env: dict[str, str], run_id: str) -> list[dict[str, Any]]:
+    """The automatic retries of ``run_id``, once there is one; if none comes, why not.
+
+    The daemon decides (the run's ``dagster/will_retry`` tag) and says why it did not retry in
+    an engine event of the run, or in its own log: a timeout shows all three.
+    """
+    try:
+        return list(
+            wait_for(
+                "a retry run",
+                lambda: [r for r in retries_of(stack, run_id) if r["runId"] != run_id],
+                60,
+            )
+        )
+    except AssertionError as exc:
+        with instance(env) as inst:
+            run = inst.get_run_by_id(run_id)
+            tags = {k: v for k, v in (run.tags if run else {}).items() if k.startswith("dagster/")}
+            said = [e.message for e in inst.all_logs(run_id) if "retr" in (e.message or "").lower()]
+        daemon = [line for line in stack.log_text().splitlines() if "retr" in line.lower()]
+        raise AssertionError(
+            f"{exc}; run tags {tags}; the run's log on retries {said}; the daemon's {daemon[-20:]}"
+        ) from exc
+
+
 @pytest.fixture(scope="module")
 def alerts() -> Iterator[AlertServer]:
     server = AlertServer()
@@ -199,7 +224,7 @@ def test_sigkill_of_the_run_worker_fails_the_run_and_a_retry_finishes_with_its_c
     assert stack.wait_status(run_id, DONE, timeout=60) == "FAILURE"
     assert_stopped_mid_step(env, run_id)
     print(f"\n[timing] worker SIGKILL -> run FAILURE: {time.monotonic() - killed:.2f} s")
-    retry = wait_for("a retry run", lambda: retries_of(stack, run_id), 60)
+    retry = wait_for_retry(stack, env, run_id)
     assert stack.wait_status(retry[0]["runId"], DONE, timeout=120) == "SUCCESS"
     runs = {r["runId"]: r for r in stack.runs()}
     cutoff = _cutoff(runs[run_id])
@@ -228,9 +253,7 @@ def test_whole_stack_killed_mid_run_is_failed_by_the_sensor_then_retried(
         f"\n[timing] stack restart took {up - restarted:.1f} s; stuck run failed "
         f"{detected - up:.1f} s after the stack was up"
     )
-    retry = wait_for(
-        "a retry run", lambda: [r for r in retries_of(stack, run_id) if r["runId"] != run_id], 60
-    )
+    retry = wait_for_retry(stack, env, run_id)
     assert stack.wait_status(retry[0]["runId"], DONE, timeout=120) == "SUCCESS"
     assert pg.snapshot(app_url) == model.cleanup(before, T)
     with instance(env) as inst:
