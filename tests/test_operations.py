@@ -130,13 +130,7 @@ def wait_for_retry(stack: Stack, env: dict[str, str], run_id: str) -> list[dict[
     an engine event of the run, or in its own log: a timeout shows all three.
     """
     try:
-        return list(
-            wait_for(
-                "a retry run",
-                lambda: [r for r in retries_of(stack, run_id) if r["runId"] != run_id],
-                60,
-            )
-        )
+        return list(wait_for("a retry run", lambda: retries_of(stack, run_id), 60))
     except AssertionError as exc:
         with instance(env) as inst:
             run = inst.get_run_by_id(run_id)
