@@ -13,11 +13,9 @@ import signal
 import sys
 from pathlib import Path
 
-from benchmarks import report, runner
+from benchmarks import databases, report, runner
 from benchmarks.approaches import APPROACHES
 from session_cleanup_dagster.seed import parse_scale
-
-DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,9 +30,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--admin-url",
-        default=os.environ.get("SESSION_CLEANUP_BENCH_ADMIN_URL", DEFAULT_ADMIN_URL),
-        help="superuser URL of the server to use (env SESSION_CLEANUP_BENCH_ADMIN_URL); "
-        "the benchmark creates and drops its own databases there",
+        default=os.environ.get(databases.ADMIN_URL_ENV) or None,
+        help=f"superuser URL of the server to use (env {databases.ADMIN_URL_ENV}); the "
+        "benchmark creates and drops its own databases there. Default: an embedded "
+        "PostgreSQL 16 started for this run and stopped afterwards",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results"), help="output directory"
@@ -78,20 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(approaches) - set(APPROACHES)
     if unknown:
         raise SystemExit(f"unknown approaches {sorted(unknown)}; choose from {APPROACHES}")
-    options = runner.Options(
-        scales=scales,
-        approaches=approaches,
-        admin_url=args.admin_url,
-        guard_s=args.guard_s,
-        repeat=args.repeat,
-        idle_s=args.idle_s,
-        overhead_runs=args.overhead_runs,
-        multiprocess=not args.no_multiprocess,
-    )
     # A SIGTERM (``timeout``, ``kill``) unwinds like Ctrl-C, so the runner's ``finally`` drops
-    # the benchmark's databases instead of leaving scbench_* behind.
+    # the benchmark's databases (and stops an embedded server) instead of leaving them behind.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    results = runner.run(options)
+    with databases.admin_server(args.admin_url) as admin_url:
+        options = runner.Options(
+            scales=scales,
+            approaches=approaches,
+            admin_url=admin_url,
+            guard_s=args.guard_s,
+            repeat=args.repeat,
+            idle_s=args.idle_s,
+            overhead_runs=args.overhead_runs,
+            multiprocess=not args.no_multiprocess,
+        )
+        results = runner.run(options)
     summary = report.summarize(results)
     goals = report.targets(summary, results)
     results["summary"] = summary

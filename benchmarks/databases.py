@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -18,16 +19,40 @@ from session_cleanup_dagster.seed import DECLINE_RETENTION, FINGERPRINT_GRACE, s
 from session_cleanup_dagster.urls import psycopg_url
 
 PREFIX = "scbench"
+log = logging.getLogger(__name__)
+
+
+ADMIN_URL_ENV = "SESSION_CLEANUP_BENCH_ADMIN_URL"
+
+
+def _libpq(url: sa.URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def plain(url: str) -> str:
     """A libpq URL (psycopg.connect does not take SQLAlchemy's driver suffix)."""
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+    return _libpq(psycopg_url(url))
 
 
 def url_of(admin_url: str, name: str) -> str:
-    parsed = psycopg_url(admin_url).set(database=name)
-    return plain(parsed.render_as_string(hide_password=False))
+    return _libpq(psycopg_url(admin_url).set(database=name))
+
+
+def database_of(url: str) -> str:
+    return psycopg_url(url).database or ""
+
+
+@contextmanager
+def admin_server(admin_url: str | None) -> Iterator[str]:
+    """``admin_url`` if given, else a fresh embedded PostgreSQL 16 for this run alone."""
+    if admin_url:
+        yield admin_url
+        return
+    from session_cleanup_dagster.embedded import embedded_postgres
+
+    log.info("no --admin-url or $%s: starting an embedded PostgreSQL", ADMIN_URL_ENV)
+    with embedded_postgres() as server:
+        yield server.admin_url
 
 
 class Server:

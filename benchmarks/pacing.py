@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from benchmarks import app_load, databases
-from benchmarks.__main__ import DEFAULT_ADMIN_URL, _exit_on_sigterm
+from benchmarks.__main__ import _exit_on_sigterm
 from benchmarks.approaches import JOB_ORDER
 from benchmarks.runner import CUTOFF
 from session_cleanup_dagster import steps
@@ -94,13 +94,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--commits", default="async", help="batch commit modes: async, sync")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--idle-s", type=float, default=5.0)
-    parser.add_argument(
-        "--admin-url", default=os.environ.get("SESSION_CLEANUP_BENCH_ADMIN_URL", DEFAULT_ADMIN_URL)
-    )
+    parser.add_argument("--admin-url", default=os.environ.get(databases.ADMIN_URL_ENV) or None)
     args = parser.parse_args(argv)
     users = parse_scale(args.scale)
-    server = databases.Server(args.admin_url)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    with databases.admin_server(args.admin_url) as admin_url:
+        return _measure(args, users, databases.Server(admin_url))
+
+
+def _measure(args: argparse.Namespace, users: int, server: databases.Server) -> int:
     try:
         template, _ = databases.seed_template(server, "pacing", users, CUTOFF)
         for round_ in range(1, args.rounds + 1):

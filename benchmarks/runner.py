@@ -132,7 +132,7 @@ def measure(
 ) -> dict[str, Any]:
     with server.copy(template, tag) as url:
         before = databases.expected_state(url, CUTOFF)
-        database = url.rsplit("/", 1)[1]
+        database = databases.database_of(url)
         spec = app_load.LoadSpec(
             url,
             users,

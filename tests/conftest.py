@@ -1,10 +1,10 @@
 """Fixtures shared by the suite: a real PostgreSQL server and one fresh database per test.
 
-The server is the one on 127.0.0.1:5432 when it answers (CI here), or an embedded PostgreSQL
-16 from the pgserver wheel otherwise (a fresh machine), or whatever
-SESSION_CLEANUP_TEST_ADMIN_URL names. Every test database has a unique name and is dropped
-afterwards, so two runs of the suite at once never meet, and the server's own databases
-(test, postgres, root) are never touched.
+The server is the one SESSION_CLEANUP_TEST_ADMIN_URL names, else an embedded PostgreSQL 16
+from the pgserver wheel that the suite starts and stops itself (a fresh machine has no other).
+Every test database has a unique name and is dropped afterwards, so two runs of the suite at
+once never meet, and the server's own databases are never touched. A skipped test fails the
+run (tests/no_skips.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ _BASE = settings(
 settings.register_profile("ci", parent=_BASE, max_examples=200)
 settings.register_profile("long", parent=_BASE, max_examples=5000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.import_plugin("tests.no_skips")
 
 
 @pytest.fixture(autouse=True)

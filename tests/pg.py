@@ -1,4 +1,10 @@
-"""Real PostgreSQL for tests: finding a server, scratch databases, whole-table snapshots."""
+"""Real PostgreSQL for tests: the suite's server, scratch databases, URLs, table snapshots.
+
+The suite's server is the one ``SESSION_CLEANUP_TEST_ADMIN_URL`` names, else an embedded
+PostgreSQL 16 (pgserver) that the suite starts and stops itself. URLs are composed with
+SQLAlchemy's ``URL`` (never by string surgery), so a socket URL such as
+``postgresql://postgres@/postgres?host=/tmp/...&port=N`` works exactly like a TCP one.
+"""
 
 from __future__ import annotations
 
@@ -17,35 +23,57 @@ from session_cleanup_dagster import schema
 from session_cleanup_dagster.resources import make_engine
 from session_cleanup_dagster.urls import psycopg_url
 
-LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+ADMIN_URL_ENV = "SESSION_CLEANUP_TEST_ADMIN_URL"
 TABLES = ("users", "after_hours_sessions", "after_hours_declines", "device_fingerprints")
 
 
 @contextmanager
 def server() -> Iterator[str]:
-    """The admin URL of a reachable server, starting an embedded one if none answers."""
-    configured = os.environ.get("SESSION_CLEANUP_TEST_ADMIN_URL")
+    """The suite's server: ``$SESSION_CLEANUP_TEST_ADMIN_URL``, else a fresh embedded one.
+
+    Never a server that merely happens to answer on a well-known port: the suite must prove
+    the same thing on a user's fresh machine as on a developer's.
+    """
+    configured = os.environ.get(ADMIN_URL_ENV)
     if configured:
-        yield configured
+        yield _plain(configured)
         return
-    # Imported here: pgserver is only needed (and only imported) on a machine with no server.
-    from session_cleanup_dagster.embedded import embedded_postgres, server_answers
+    from session_cleanup_dagster.embedded import embedded_postgres
 
-    if server_answers(LOCAL_ADMIN_URL):
-        yield LOCAL_ADMIN_URL
-    else:
-        with embedded_postgres() as embedded:
-            yield embedded.admin_url
+    with embedded_postgres() as embedded:
+        yield embedded.admin_url
 
 
-def database_url(admin_url: str, name: str) -> str:
-    """The URL of database ``name`` on the same server as ``admin_url``."""
-    return psycopg_url(admin_url).set(database=name).render_as_string(hide_password=False)
+def _libpq(url: sa.URL) -> str:
+    """Render ``url`` as a ``postgresql://`` URL that libpq and psycopg.connect accept."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def _plain(url: str) -> str:
     """A libpq URL (psycopg.connect does not take SQLAlchemy's driver suffix)."""
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+    return _libpq(psycopg_url(url))
+
+
+def database_url(admin_url: str, name: str) -> str:
+    """The URL of database ``name`` on the same server as ``admin_url``."""
+    return _libpq(psycopg_url(admin_url).set(database=name))
+
+
+def database_name(url: str) -> str:
+    """The database that ``url`` names."""
+    name = psycopg_url(url).database
+    assert name, f"no database in {url!r}"
+    return name
+
+
+def as_role(url: str, role: str, password: str | None = None) -> str:
+    """``url`` with its user replaced by ``role`` (and its password by ``password``)."""
+    return _libpq(psycopg_url(url).set(username=role, password=password))
+
+
+def with_query(url: str, **params: str) -> str:
+    """``url`` with libpq parameters added to its query (``?password=...`` and the like)."""
+    return _libpq(psycopg_url(url).update_query_dict(params))
 
 
 @contextmanager
@@ -55,7 +83,7 @@ def scratch_database(admin_url: str) -> Iterator[str]:
     with psycopg.connect(_plain(admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield _plain(database_url(admin_url, name))
+        yield database_url(admin_url, name)
     finally:
         with psycopg.connect(_plain(admin_url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -112,12 +140,9 @@ class PasswordServer:
         kind = "SUPERUSER" if superuser else ""
         execute(self.admin_url, f"CREATE ROLE \"{role}\" LOGIN {kind} PASSWORD '{password}'")
 
-    def url(self, role: str, password: str, database: str = "postgres") -> str:
+    def url(self, role: str, password: str | None, database: str = "postgres") -> str:
         """``postgresql://role:password@/database?host=<socket dir>&port=N``."""
-        parsed = psycopg_url(self.admin_url).set(
-            username=role, password=password, database=database
-        )
-        return _plain(parsed.render_as_string(hide_password=False))
+        return as_role(database_url(self.admin_url, database), role, password)
 
     def auth_failures(self, role: str) -> int:
         """How many times the server refused ``role``'s password (from its log)."""

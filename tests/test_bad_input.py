@@ -316,7 +316,7 @@ def test_wrong_password_fails_once_per_op_without_printing_either_password(
         before = password_server.auth_failures(role)
         url = password_server.url(role, wrong)
         if form == "?password=":  # libpq's other place for it
-            url = password_server.url(role, "").replace(":@", "@", 1) + f"&password={wrong}"
+            url = pg.with_query(password_server.url(role, None), password=wrong)
         result = run(AppDatabase(url=url))
         assert not result.success
         for op in OPS:

@@ -174,13 +174,13 @@ def test_wrong_column_type_fails_before_any_change(app_url: str) -> None:
 
 def test_role_without_delete_fails_fast_naming_the_grant(app_url: str) -> None:
     data.boundaries(app_url)
-    role = "sct_nodelete_" + app_url.rsplit("/", 1)[1][-12:]
+    role = "sct_nodelete_" + pg.database_name(app_url)[-12:]
     pg.execute(app_url, f'CREATE ROLE "{role}" LOGIN')
     try:
         pg.execute(app_url, f'GRANT SELECT, UPDATE ON ALL TABLES IN SCHEMA public TO "{role}"')
         pg.execute(app_url, f'GRANT DELETE ON after_hours_declines TO "{role}"')
         before = pg.snapshot(app_url)
-        role_url = app_url.replace("postgres@", f"{role}@", 1)
+        role_url = pg.as_role(app_url, role)
         result = run_job(role_url, partition_key="2026-11-27")
         message = failure_message(result, "remove_orphan_fingerprints")
         assert f"role {role} lacks DELETE on public.device_fingerprints" in message

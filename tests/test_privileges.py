@@ -44,10 +44,6 @@ def role(app_url: str) -> Iterator[str]:
         pg.execute(app_url, f'DROP ROLE "{name}"')
 
 
-def as_role(url: str, role: str) -> str:
-    return url.replace("postgres@", f"{role}@", 1)
-
-
 def privileges(url: str, role: str) -> set[tuple[str, ...]]:
     """Every privilege ``role`` holds on tables and columns of the database, and the schema."""
     with psycopg.connect(url) as conn:
@@ -115,7 +111,7 @@ def test_the_job_role_cannot_read_personal_data_or_change_anything_else(
     app_url: str, role: str, sql: str
 ) -> None:
     with (
-        psycopg.connect(as_role(app_url, role)) as conn,
+        psycopg.connect(pg.as_role(app_url, role)) as conn,
         pytest.raises(psycopg.errors.InsufficientPrivilege),
     ):
         conn.execute(sql.encode())
@@ -123,7 +119,7 @@ def test_the_job_role_cannot_read_personal_data_or_change_anything_else(
 
 def test_job_runs_under_exactly_the_grants_in_docs(app_url: str, role: str) -> None:
     before = pg.snapshot(app_url)
-    result = run_job(as_role(app_url, role), partition_key="2026-11-27")
+    result = run_job(pg.as_role(app_url, role), partition_key="2026-11-27")
     assert result.success
     assert pg.snapshot(app_url) == model.cleanup(before, T)
 
@@ -173,7 +169,7 @@ def test_each_missing_privilege_fails_fast_naming_the_grant(
 ) -> None:
     pg.execute(app_url, revoke.format(role=role))
     before = pg.snapshot(app_url)
-    result = run_job(as_role(app_url, role), partition_key="2026-11-27")
+    result = run_job(pg.as_role(app_url, role), partition_key="2026-11-27")
     assert not result.success
     target = f"{privilege} ({column})" if column else privilege
     expected = before
@@ -191,7 +187,7 @@ def test_each_missing_privilege_fails_fast_naming_the_grant(
     # UPDATE (id) is what row locks need; the heap walks lock rows (FOR UPDATE SKIP LOCKED)
     # only when a plain batch meets a row the app holds, so hold one to take that path.
     held = _ELIGIBLE_ROW.get(table) if (privilege, column) == ("UPDATE", "id") else None
-    engine = pg.engine(as_role(app_url, role))
+    engine = pg.engine(pg.as_role(app_url, role))
     try:
         with psycopg.connect(app_url) as app:
             if held is not None:
@@ -215,11 +211,11 @@ _ELIGIBLE_ROW = {
 
 def test_missing_temporary_privilege_fails_fast_naming_the_grant(app_url: str, role: str) -> None:
     # PUBLIC has TEMPORARY on every new database by default; an installation may revoke it.
-    database = app_url.rsplit("/", 1)[1]
+    database = pg.database_name(app_url)
     pg.execute(app_url, f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
     pg.execute(app_url, f'REVOKE TEMPORARY ON DATABASE "{database}" FROM "{role}"')
     before = pg.snapshot(app_url)
-    result = run_job(as_role(app_url, role), partition_key="2026-11-27")
+    result = run_job(pg.as_role(app_url, role), partition_key="2026-11-27")
     message = failure_message(result, "remove_orphan_fingerprints")
     assert f"role {role} lacks TEMPORARY on database {database}" in message
     assert f'GRANT TEMPORARY ON DATABASE "{database}" TO {role};' in message
@@ -230,7 +226,7 @@ def test_missing_temporary_privilege_fails_fast_naming_the_grant(app_url: str, r
         expected = getattr(model, op)(expected, T)
     assert pg.snapshot(app_url) == expected
     # The check is honest: without it, PostgreSQL itself refuses the step's temporary table.
-    engine = pg.engine(as_role(app_url, role))
+    engine = pg.engine(pg.as_role(app_url, role))
     try:
         with pytest.raises(sqlalchemy.exc.ProgrammingError) as raised:
             steps.remove_orphan_fingerprints(engine, T)
@@ -244,7 +240,7 @@ def test_missing_schema_usage_fails_fast_naming_the_grant(app_url: str, role: st
     pg.execute(app_url, "REVOKE USAGE ON SCHEMA public FROM PUBLIC")
     pg.execute(app_url, f'REVOKE USAGE ON SCHEMA public FROM "{role}"')
     before = pg.snapshot(app_url)
-    result = run_job(as_role(app_url, role), partition_key="2026-11-27")
+    result = run_job(pg.as_role(app_url, role), partition_key="2026-11-27")
     for op in OPS:
         message = failure_message(result, op)
         assert f"role {role} lacks USAGE on schema public" in message

@@ -216,7 +216,7 @@ class PropertyDB:
 @pytest.fixture
 def property_db(app_url: str) -> Iterator[PropertyDB]:
     """This test function's database, in a TimeZone far from UTC, and an engine like the job's."""
-    name = app_url.rsplit("/", 1)[1]
+    name = pg.database_name(app_url)
     pg.execute(app_url, f"ALTER DATABASE \"{name}\" SET timezone = 'Pacific/Chatham'")
     engine = pg.engine(app_url)
     try:

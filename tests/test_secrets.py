@@ -111,7 +111,7 @@ def databases(password_server: pg.PasswordServer):
     pg.execute(admin, f'CREATE DATABASE "{app_db}"')
     pg.execute(admin, f'CREATE DATABASE "{dagster_db}" OWNER "{dagster_role}"')
     try:
-        app_admin = pg.database_url(admin, app_db).replace("postgresql+psycopg://", "postgresql://")
+        app_admin = pg.database_url(admin, app_db)
         engine = pg.engine(app_admin)
         try:
             seed.seed_database(engine, 40, anchor=data.T)
@@ -124,9 +124,7 @@ def databases(password_server: pg.PasswordServer):
             "app": password_server.url(app_role, APP_PASSWORD, app_db),
             "app_wrong": password_server.url(app_role, WRONG_PASSWORD, app_db),
             "dagster": password_server.url(dagster_role, DAGSTER_PASSWORD, dagster_db),
-            "dagster_admin": pg.database_url(admin, dagster_db).replace(
-                "postgresql+psycopg://", "postgresql://"
-            ),
+            "dagster_admin": pg.database_url(admin, dagster_db),
             "app_role": app_role,
         }
     finally:

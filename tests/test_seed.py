@@ -1,14 +1,11 @@
 """The reference schema, the synthetic data seeder and URL normalisation.
 
-Runs against the PostgreSQL server on 127.0.0.1:5432 (or SESSION_CLEANUP_TEST_ADMIN_URL). Each
-test gets its own uniquely named database, dropped with ``WITH (FORCE)`` afterwards; the
-server's own databases are never touched.
+Runs against the suite's server (tests/pg.py). Each test gets its own uniquely named database,
+dropped with ``WITH (FORCE)`` afterwards; the server's own databases are never touched.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -18,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from session_cleanup_dagster.schema import TABLES, create_reference_schema, validate_identifier
+from session_cleanup_dagster.schema import TABLES, create_reference_schema
 from session_cleanup_dagster.seed import (
     SCALES,
     parse_scale,
@@ -26,10 +23,8 @@ from session_cleanup_dagster.seed import (
     table_counts,
 )
 from session_cleanup_dagster.urls import psycopg_url
+from tests import pg
 
-ADMIN_URL = os.environ.get(
-    "SESSION_CLEANUP_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 # The day after the EU switch to summer time: "anchor - 7 days" crosses a DST change in
 # Europe/Berlin, which must not matter.
 ANCHOR = datetime(2025, 3, 31, 4, 0, tzinfo=UTC)
@@ -40,34 +35,19 @@ N = 1000
 
 
 @contextmanager
-def scratch_engine(**engine_kwargs: Any) -> Iterator[sa.Engine]:
-    """Create a uniquely named database and yield an engine on it; drop it on exit."""
-    admin = sa.create_engine(
-        psycopg_url(ADMIN_URL), isolation_level="AUTOCOMMIT", poolclass=NullPool
-    )
-    name = f"sct_seed_{os.getpid()}_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            quoted = conn.dialect.identifier_preparer.quote(validate_identifier(name))
-            conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL server at {ADMIN_URL}: {exc}")
-    engine = sa.create_engine(
-        psycopg_url(ADMIN_URL).set(database=name), poolclass=NullPool, **engine_kwargs
-    )
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-        admin.dispose()
+def scratch_engine(admin_url: str, **engine_kwargs: Any) -> Iterator[sa.Engine]:
+    """A uniquely named database on the suite's server and an engine on it; dropped on exit."""
+    with pg.scratch_database(admin_url) as url:
+        engine = sa.create_engine(psycopg_url(url), poolclass=NullPool, **engine_kwargs)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 @pytest.fixture
-def engine() -> Iterator[sa.Engine]:
-    with scratch_engine() as eng:
+def engine(admin_url: str) -> Iterator[sa.Engine]:
+    with scratch_engine(admin_url) as eng:
         yield eng
 
 
@@ -358,15 +338,15 @@ def test_boundary_rows_exist_and_survive_a_cleanup_at_the_anchor(seeded: sa.Engi
 # --- determinism -----------------------------------------------------------------------------
 
 
-def test_same_arguments_give_identical_rows() -> None:
-    with scratch_engine() as first, scratch_engine() as second:
+def test_same_arguments_give_identical_rows(admin_url: str) -> None:
+    with scratch_engine(admin_url) as first, scratch_engine(admin_url) as second:
         seed_database(first, 300, anchor=ANCHOR, seed=11)
         seed_database(second, 300, anchor=ANCHOR, seed=11)
         assert dump(first) == dump(second)
 
 
-def test_seed_and_anchor_change_the_rows() -> None:
-    with scratch_engine() as first, scratch_engine() as second:
+def test_seed_and_anchor_change_the_rows(admin_url: str) -> None:
+    with scratch_engine(admin_url) as first, scratch_engine(admin_url) as second:
         seed_database(first, 50, anchor=ANCHOR, seed=1)
         seed_database(second, 50, anchor=ANCHOR + timedelta(days=1), seed=2)
         a, b = dump(first), dump(second)
@@ -376,18 +356,18 @@ def test_seed_and_anchor_change_the_rows() -> None:
         assert a["users"] != b["users"]
 
 
-def test_session_time_zone_does_not_matter() -> None:
+def test_session_time_zone_does_not_matter(admin_url: str) -> None:
     berlin = {"connect_args": {"options": "-c TimeZone=Europe/Berlin"}}
-    with scratch_engine() as utc, scratch_engine(**berlin) as local:
+    with scratch_engine(admin_url) as utc, scratch_engine(admin_url, **berlin) as local:
         seed_database(utc, 200, anchor=ANCHOR, seed=5)
         # The same instant, expressed in another zone, is the same anchor.
         seed_database(local, 200, anchor=ANCHOR.astimezone(timezone(timedelta(hours=2))), seed=5)
         assert dump(utc) == dump(local)
 
 
-def test_existing_schema_path_matches_bulk_load_path() -> None:
+def test_existing_schema_path_matches_bulk_load_path(admin_url: str) -> None:
     """Seeding pre-created tables (keys in place) gives the same catalog and rows."""
-    with scratch_engine() as bulk, scratch_engine() as existing:
+    with scratch_engine(admin_url) as bulk, scratch_engine(admin_url) as existing:
         seed_database(bulk, 200, anchor=ANCHOR, seed=9)
         with existing.begin() as conn:
             create_reference_schema(conn)
