@@ -13,7 +13,7 @@ two run-status sensors launch it whenever ``session_cleanup_job`` finishes, succ
 failed (a failed night is exactly when the SLO matters).
 """
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import dagster as dg
 import sqlalchemy.exc
@@ -21,6 +21,7 @@ from pydantic import Field
 
 from session_cleanup_dagster import backlog, errors, steps
 from session_cleanup_dagster import tables as t
+from session_cleanup_dagster.alerts import post_alert
 from session_cleanup_dagster.assets import asset_key
 from session_cleanup_dagster.resources import AppDatabase
 
@@ -31,7 +32,8 @@ class SloCheckConfig(dg.Config):  # type: ignore[misc]
     """What every SLO check takes."""
 
     severity: str = Field(
-        default="ERROR", description="WARN or ERROR: how a failed check is shown (and alerts)."
+        default="ERROR",
+        description="WARN or ERROR: how a failed check is shown; a failed ERROR check alerts.",
     )
     allowed_rows: int = Field(
         default=0, description="The check fails when more rows than this are overdue."
@@ -81,6 +83,7 @@ class OrphanFingerprintsCheckConfig(SloCheckConfig):  # type: ignore[misc]
 
 
 def evaluate(
+    context: dg.AssetCheckExecutionContext,
     app_db: AppDatabase,
     step: str,
     config: SloCheckConfig,
@@ -91,6 +94,9 @@ def evaluate(
     grace: timedelta = timedelta(hours=1),
 ) -> dg.AssetCheckResult:
     """Count the rows ``step`` should have handled more than ``slack`` ago; pass if few enough.
+
+    A check that fails at ERROR severity alerts (alerts.py) once per evaluation, naming the
+    table, the overdue count and the cutoff.
 
     Raises:
         dagster.Failure: bad config or a database error (no password in the message).
@@ -121,9 +127,14 @@ def evaluate(
             description=errors.explain(exc, where=where, secrets=[app_db.password()])
         ) from None
     passed = found.rows <= config.allowed_rows
+    severity = dg.AssetCheckSeverity(config.severity.upper())
+    cutoff = now - slack
+    alert = "not needed"
+    if not passed and severity == dg.AssetCheckSeverity.ERROR:
+        alert = _alert(context, app_db.db_schema, step, found, config, what, cutoff)
     return dg.AssetCheckResult(
         passed=passed,
-        severity=dg.AssetCheckSeverity(config.severity.upper()),
+        severity=severity,
         description=(
             f"{found.rows} {what} ({found.method}); allowed {config.allowed_rows}."
             if not passed
@@ -136,16 +147,53 @@ def evaluate(
             "method": found.method,
             "sample_ids": ", ".join(found.sample_ids) or "(none)",
             "checked_at": dg.MetadataValue.timestamp(now),
+            "cutoff": dg.MetadataValue.timestamp(cutoff),
+            "alert": alert,
         },
     )
 
 
+_TABLES = {
+    "expire_sessions": t.SESSIONS,
+    "purge_declines": t.DECLINES,
+    "remove_orphan_fingerprints": t.FINGERPRINTS,
+}
+
+
+def _alert(
+    context: dg.AssetCheckExecutionContext,
+    schema: str,
+    step: str,
+    found: backlog.Count,
+    config: SloCheckConfig,
+    what: str,
+    cutoff: datetime,
+) -> str:
+    """Post the failed check; say in its metadata whether that worked (it never hides it)."""
+    name = context.check_specs[0].name if context.check_specs else step
+    text = (
+        f":rotating_light: SLO check {name} failed on {schema}.{_TABLES[step]}: {found.rows} "
+        f"{what} ({found.method}), allowed {config.allowed_rows}; cutoff "
+        f"{cutoff.isoformat()} (the database's now() minus the slack). Sample ids: "
+        f"{', '.join(found.sample_ids) or '(none)'}. Run session_cleanup_job or look at why "
+        "its last runs did not clean these rows."
+    )
+    try:
+        post_alert(text, context.log)
+    except (OSError, ValueError) as exc:
+        # The check's result is the record that matters; a broken webhook must not lose it.
+        context.log.error("could not post the failed check's alert: %s", exc)
+        return f"failed to post: {type(exc).__name__}"
+    return "posted"
+
+
 @dg.asset_check(asset=asset_key(t.SESSIONS))
 def no_overdue_open_sessions(
-    config: OpenSessionsCheckConfig, app_db: AppDatabase
+    context: dg.AssetCheckExecutionContext, config: OpenSessionsCheckConfig, app_db: AppDatabase
 ) -> dg.AssetCheckResult:
     """No open session expired more than max_overdue_hours (24) ago."""
     return evaluate(
+        context,
         app_db,
         "expire_sessions",
         config,
@@ -156,10 +204,11 @@ def no_overdue_open_sessions(
 
 @dg.asset_check(asset=asset_key(t.DECLINES))
 def no_declines_past_retention(
-    config: OldDeclinesCheckConfig, app_db: AppDatabase
+    context: dg.AssetCheckExecutionContext, config: OldDeclinesCheckConfig, app_db: AppDatabase
 ) -> dg.AssetCheckResult:
     """No decline older than the retention (7 days) plus slack_hours (24)."""
     return evaluate(
+        context,
         app_db,
         "purge_declines",
         config,
@@ -171,10 +220,13 @@ def no_declines_past_retention(
 
 @dg.asset_check(asset=asset_key(t.FINGERPRINTS))
 def no_old_orphan_fingerprints(
-    config: OrphanFingerprintsCheckConfig, app_db: AppDatabase
+    context: dg.AssetCheckExecutionContext,
+    config: OrphanFingerprintsCheckConfig,
+    app_db: AppDatabase,
 ) -> dg.AssetCheckResult:
     """No orphan fingerprint older than the grace (1 hour) plus slack_hours (24)."""
     return evaluate(
+        context,
         app_db,
         "remove_orphan_fingerprints",
         config,

@@ -10,8 +10,7 @@
 - ``session_cleanup_failure_alert`` posts every failed run to a webhook.
 - ``session_cleanup_staleness_alert`` posts when no cleanup run has succeeded for 26 hours.
 
-Alerts go to ``SESSION_CLEANUP_ALERT_WEBHOOK_URL`` as Slack incoming-webhook JSON
-(``{"text": ...}``) when it is set, and to the sensor's log otherwise.
+Alerts go out through alerts.py (``SESSION_CLEANUP_ALERT_WEBHOOK_URL``, else the sensor's log).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,10 +25,10 @@ import dagster as dg
 import psycopg
 
 from session_cleanup_dagster import locking
+from session_cleanup_dagster.alerts import WEBHOOK_ENV, post_alert
 from session_cleanup_dagster.cutoff import CUTOFF_TAG
 from session_cleanup_dagster.resources import AppDatabase
 
-WEBHOOK_ENV = "SESSION_CLEANUP_ALERT_WEBHOOK_URL"
 INTERVAL_ENV = "SESSION_CLEANUP_SENSOR_INTERVAL_S"
 GRACE_ENV = "SESSION_CLEANUP_STUCK_RUN_GRACE_S"
 STALE_AFTER_S = 26 * 3600
@@ -57,29 +55,6 @@ def interval_s(default: int) -> int:
 def stuck_grace_s() -> int:
     """How long a run may be without a worker connection before it is declared dead."""
     return _env_seconds(GRACE_ENV, 60)
-
-
-def post_alert(text: str, log: Any) -> None:
-    """Send ``text`` to the webhook when one is configured, else log it as an error.
-
-    Raises:
-        OSError: the webhook did not accept the message (the tick fails and shows it).
-    """
-    url = os.environ.get(WEBHOOK_ENV, "").strip()
-    if not url:
-        log.error("ALERT (set %s to send this to a webhook): %s", WEBHOOK_ENV, text)
-        return
-    if not url.startswith(("https://", "http://")):
-        raise ValueError(f"{WEBHOOK_ENV} must be an http(s) URL")
-    request = urllib.request.Request(  # noqa: S310 - scheme checked above
-        url,
-        data=json.dumps({"text": text}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-        response.read()
-    log.info("alert posted to the webhook: %s", text.splitlines()[0])
 
 
 def _describe_run(run: dg.DagsterRun) -> str:

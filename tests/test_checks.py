@@ -14,9 +14,11 @@ from typing import Any
 import dagster as dg
 
 from session_cleanup_dagster import checks
+from session_cleanup_dagster.alerts import WEBHOOK_ENV
 from session_cleanup_dagster.definitions import defs
 from tests import data, pg
 from tests.data import DAY, HOUR, uid
+from tests.stack import AlertServer
 
 SESSIONS = "app_database__after_hours_sessions_no_overdue_open_sessions"
 DECLINES = "app_database__after_hours_declines_no_declines_past_retention"
@@ -99,6 +101,41 @@ def test_thresholds_and_severity_come_from_config(app_url: str) -> None:
     evaluation = results["no_declines_past_retention"]
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
     assert evaluation.metadata["offending_rows"].value == 2  # slack 1 h also catches 7 d 2 h
+
+
+def test_a_failed_error_check_alerts_once_naming_table_count_and_cutoff(app_url: str) -> None:
+    _dirty(app_url)
+    server = AlertServer()
+    try:
+        os.environ[WEBHOOK_ENV] = server.url
+        results = _run_checks(app_url, {DECLINES: {"severity": "WARN"}})
+        texts = server.texts()
+    finally:
+        server.close()
+    # Two ERROR checks failed and alerted once each; the failed WARN check did not alert.
+    assert len(texts) == 2, texts
+    for name, table in [
+        ("no_overdue_open_sessions", "public.after_hours_sessions"),
+        ("no_old_orphan_fingerprints", "public.device_fingerprints"),
+    ]:
+        metadata = results[name].metadata
+        assert metadata["alert"].value == "posted"
+        cutoff = datetime.fromtimestamp(metadata["cutoff"].value, UTC).isoformat()
+        [text] = [text for text in texts if f"SLO check {name} failed" in text]
+        assert f"on {table}: 1 " in text
+        assert f"cutoff {cutoff}" in text
+    assert results["no_declines_past_retention"].metadata["alert"].value == "not needed"
+    # A passing check never alerts.
+    server = AlertServer()
+    try:
+        os.environ[WEBHOOK_ENV] = server.url
+        results = _run_checks(
+            app_url, {SESSIONS: {"allowed_rows": 1}, DECLINES: {"allowed_rows": 1}}
+        )
+        assert results["no_overdue_open_sessions"].passed
+        assert [t for t in server.texts() if "no_overdue_open_sessions" in t] == []
+    finally:
+        server.close()
 
 
 def test_large_tables_are_sampled_and_the_result_says_so(app_url: str) -> None:
