@@ -1,6 +1,7 @@
 """Sensors that keep the nightly cleanup honest: stuck runs, failures, staleness.
 
-- ``session_cleanup_stuck_run_sensor`` fails a STARTED run whose run worker is gone. Under
+- ``session_cleanup_stuck_run_sensor`` fails a STARTED run whose run worker is gone: any run
+  that holds the cleanup's run slot (the exclusive tag), the dry-run job's as well. Under
   Dagster's default run launcher, run monitoring cannot see a dead worker (after a SIGKILL of
   the whole stack the run stays STARTED forever). Each run holds a connection named
   ``session-cleanup run <run id>`` to the app database for its whole life (locking.py), so
@@ -27,6 +28,7 @@ import psycopg
 from session_cleanup_dagster import locking
 from session_cleanup_dagster.alerts import WEBHOOK_ENV, post_alert
 from session_cleanup_dagster.cutoff import CUTOFF_TAG
+from session_cleanup_dagster.jobs import EXCLUSIVE_TAG
 from session_cleanup_dagster.resources import AppDatabase
 
 INTERVAL_ENV = "SESSION_CLEANUP_SENSOR_INTERVAL_S"
@@ -77,15 +79,18 @@ def build_sensors(job: dg.JobDefinition) -> list[dg.SensorDefinition]:
         minimum_interval_seconds=interval_s(30),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
-            "Fails a STARTED cleanup run whose run worker is gone (no connection of the run to "
-            "the app database and no event for the grace period), so run_retries re-runs it."
+            "Fails a STARTED cleanup or dry run whose run worker is gone (no connection of the "
+            "run to the app database and no event for the grace period), so run_retries re-runs "
+            "it and the run slot is free again."
         ),
     )
     def session_cleanup_stuck_run_sensor(
         context: dg.SensorEvaluationContext, app_db: AppDatabase
     ) -> dg.SkipReason:
+        # Every run that holds the run slot, the dry-run job's too: a dead dry run would
+        # otherwise keep every nightly run QUEUED until max_runtime_seconds.
         runs = context.instance.get_run_records(
-            dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.STARTED])
+            dg.RunsFilter(tags={EXCLUSIVE_TAG: "app_db"}, statuses=[dg.DagsterRunStatus.STARTED])
         )
         missing: dict[str, float] = json.loads(context.cursor) if context.cursor else {}
         if not runs:

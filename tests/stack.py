@@ -184,13 +184,18 @@ class Stack:
         tags: dict[str, str] | None = None,
         op_selection: list[str] | None = None,
         per_op: dict[str, dict[str, Any]] | None = None,
+        job: str = JOB,
+        job_config: dict[str, Any] | None = None,
     ) -> str:
+        """Launch a run; ``job_config`` is the whole run config of a job with a config mapping."""
         ops = op_selection or ["expire_sessions", "purge_declines", "remove_orphan_fingerprints"]
         run_config: dict[str, Any] = {
             "ops": {
                 op: {"config": {**(op_config or {}), **(per_op or {}).get(op, {})}} for op in ops
             }
         }
+        if job_config is not None:
+            run_config = dict(job_config)
         if resources:
             run_config["resources"] = {
                 "app_db": {"config": {"url": {"env": "APP_DATABASE_URL"}, **resources}}
@@ -208,7 +213,7 @@ class Stack:
                     "selector": {
                         "repositoryLocationName": LOCATION,
                         "repositoryName": "__repository__",
-                        "pipelineName": JOB,
+                        "pipelineName": job,
                         "solidSelection": op_selection,
                     },
                     "runConfigData": run_config,

@@ -255,6 +255,32 @@ def test_whole_stack_killed_mid_run_is_failed_by_the_sensor_then_retried(
     assert any("Run worker gone" in m for m in messages)
 
 
+def test_dry_run_killed_with_the_stack_is_failed_by_the_sensor_and_frees_the_run_slot(
+    stack: Stack, env: dict[str, str], app_url: str
+) -> None:
+    """A dry run holds the one run slot too: once its worker is gone, the nightly run goes on.
+
+    The whole stack dies (code server too): nobody is left to notice but the sensor.
+    """
+    before = reseed(app_url, 2000)
+    dry = stack.submit(job="session_cleanup_dry_run_job", job_config={"batch_size": 1})
+    stack.wait_status(dry, {"STARTED"} | DONE, timeout=60)
+    with psycopg.connect(app_url, autocommit=True) as conn:
+        wait_for("the dry run to hold the cleanup lock", lambda: locking.holders(conn), 60)
+    stack.kill()
+    with instance(env) as inst:
+        run = inst.get_run_by_id(dry)
+        assert run is not None and run.status.value == "STARTED"  # nobody left to notice
+    stack.start()
+    nightly = stack.submit(partition=PARTITION)
+    assert stack.wait_status(dry, DONE, timeout=120) == "FAILURE"
+    assert stack.wait_status(nightly, DONE, timeout=180) == "SUCCESS"
+    assert pg.snapshot(app_url) == model.cleanup(before, T)
+    with instance(env) as inst:
+        messages = [e.message or "" for e in inst.all_logs(dry)]
+    assert any("Run worker gone" in m for m in messages), "\n".join(messages[-6:])
+
+
 def test_connections_killed_mid_run_are_survived_and_the_run_succeeds(
     stack: Stack, env: dict[str, str], app_url: str
 ) -> None:
