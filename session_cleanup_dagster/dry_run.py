@@ -12,7 +12,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from session_cleanup_dagster.jobs import EXCLUSIVE_TAG
+from session_cleanup_dagster.jobs import RUN_TAGS
 from session_cleanup_dagster.ops import expire_sessions, purge_declines, remove_orphan_fingerprints
 
 
@@ -62,7 +62,7 @@ def build_dry_run_job() -> dg.JobDefinition:
         # The queue admits one run with the exclusive tag at a time: a dry run launched
         # beside a real one waits QUEUED instead of holding a run slot while it waits for
         # the advisory lock (and failing after lock_wait_s).
-        tags={"team": "platform", "session_cleanup/dry_run": "true", EXCLUSIVE_TAG: "app_db"},
+        tags={**RUN_TAGS, "session_cleanup/dry_run": "true"},
     )
     def session_cleanup_dry_run_job() -> None:
         expire_sessions()

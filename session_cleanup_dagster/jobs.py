@@ -19,6 +19,15 @@ START_DATE_ENV = "SESSION_CLEANUP_START_DATE"
 # Every run of the job carries this tag; dagster.yaml's run queue admits one run with it at
 # a time (concurrency.runs.tag_concurrency_limits).
 EXCLUSIVE_TAG = "session_cleanup/exclusive"
+# The tags every cleanup run carries: the exclusive tag, and no run retry after a failure in
+# an op (safety cap, held lock, bad config would only fail again; transient errors are
+# retried inside the op). The run tag wins over the instance's run_retries setting, so the
+# guard holds whatever instance runs the job.
+RUN_TAGS = {
+    "team": "platform",
+    EXCLUSIVE_TAG: "app_db",
+    "dagster/retry_on_asset_or_op_failure": "false",
+}
 DEFAULT_START_DATE = "2026-01-01"
 
 
@@ -55,7 +64,7 @@ def build_job(start_date: str) -> dg.JobDefinition:
         ),
         partitions_def=daily_partitions(start_date),
         executor_def=dg.in_process_executor,
-        tags={"team": "platform", EXCLUSIVE_TAG: "app_db"},
+        tags=RUN_TAGS,
     )
     def session_cleanup_job() -> None:
         expire_sessions()

@@ -120,7 +120,9 @@ def test_a_failed_error_check_alerts_once_naming_table_count_and_cutoff(app_url:
     ]:
         metadata = results[name].metadata
         assert metadata["alert"].value == "posted"
-        cutoff = datetime.fromtimestamp(metadata["cutoff"].value, UTC).isoformat()
+        timestamp = metadata["cutoff"].value
+        assert isinstance(timestamp, float)
+        cutoff = datetime.fromtimestamp(timestamp, UTC).isoformat()
         [text] = [text for text in texts if f"SLO check {name} failed" in text]
         assert f"on {table}: 1 " in text
         assert f"cutoff {cutoff}" in text

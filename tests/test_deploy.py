@@ -15,6 +15,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -85,6 +86,73 @@ def test_helm_values_match_the_code_and_the_image() -> None:
     assert queue["type"] == "QueuedRunCoordinator"
     limits = queue["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
     assert {"key": "session_cleanup/exclusive", "limit": 1} in limits
+
+
+# Where each dagster.yaml setting lives in the chart's values (a leaf under a mapped key keeps
+# its own name below it, e.g. retention.sensor.purge_after_days.skipped).
+_DAEMON = "dagsterDaemon"
+_QUEUE = f"{_DAEMON}.runCoordinator.config.queuedRunCoordinator"
+HELM_PATHS = {
+    "run_queue.dequeue_interval_seconds": f"{_QUEUE}.dequeueIntervalSeconds",
+    "concurrency.runs.max_concurrent_runs": f"{_QUEUE}.maxConcurrentRuns",
+    "concurrency.runs.tag_concurrency_limits": f"{_QUEUE}.tagConcurrencyLimits",
+    "run_monitoring.enabled": f"{_DAEMON}.runMonitoring.enabled",
+    "run_monitoring.start_timeout_seconds": f"{_DAEMON}.runMonitoring.startTimeoutSeconds",
+    "run_monitoring.cancel_timeout_seconds": f"{_DAEMON}.runMonitoring.cancelTimeoutSeconds",
+    "run_monitoring.max_runtime_seconds": f"{_DAEMON}.runMonitoring.maxRuntimeSeconds",
+    "run_monitoring.poll_interval_seconds": f"{_DAEMON}.runMonitoring.pollIntervalSeconds",
+    "run_retries.enabled": f"{_DAEMON}.runRetries.enabled",
+    "run_retries.max_retries": f"{_DAEMON}.runRetries.maxRetries",
+    "run_retries.retry_on_asset_or_op_failure": f"{_DAEMON}.runRetries.retryOnAssetOrOpFailure",
+    "retention.schedule.purge_after_days": "retention.schedule.purgeAfterDays",
+    "retention.sensor.purge_after_days": "retention.sensor.purgeAfterDays",
+    "telemetry.enabled": "telemetry.enabled",
+}
+# Settings the chart expresses otherwise, and deliberate differences (Helm value, reason).
+NOT_IN_VALUES = {
+    "storage.postgres.postgres_url.env": "the chart builds storage from postgresql.* + a secret"
+}
+DIFFERENT = {
+    "run_monitoring.start_timeout_seconds": (300, "a run pod is scheduled and pulls its image"),
+}
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    found: dict[str, Any] = {}
+    for key, value in tree.items():
+        found.update(_leaves(value, f"{prefix}.{key}" if prefix else key))
+    return found
+
+
+def _helm_value(path: str) -> Any:
+    node: Any = VALUES
+    for part in path.split("."):
+        assert isinstance(node, dict) and part in node, f"{path}: no {part!r} in the Helm values"
+        node = node[part]
+    return node
+
+
+def test_every_instance_setting_in_the_helm_values_matches_dagster_yaml() -> None:
+    instance = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    for setting, value in _leaves(instance).items():
+        if setting in NOT_IN_VALUES:
+            continue
+        mapped = [key for key in HELM_PATHS if setting == key or setting.startswith(key + ".")]
+        assert mapped, f"dagster.yaml's {setting} has no place in docs/helm/values.yaml"
+        [key] = mapped
+        helm = _helm_value(HELM_PATHS[key] + setting[len(key) :])
+        expected = DIFFERENT[setting][0] if setting in DIFFERENT else value
+        assert helm == expected, f"{setting}: dagster.yaml {value!r}, Helm values {helm!r}"
+
+
+def test_the_jobs_themselves_never_retry_a_run_that_failed_in_an_op() -> None:
+    from session_cleanup_dagster.definitions import defs
+
+    for name in ("session_cleanup_job", "session_cleanup_dry_run_job"):
+        tags = defs.resolve_job_def(name).tags
+        assert tags["dagster/retry_on_asset_or_op_failure"] == "false", name
 
 
 def test_the_code_server_starts_without_the_app_database() -> None:
