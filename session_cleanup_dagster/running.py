@@ -66,7 +66,8 @@ def run_step(
         engine = app_db.get_engine()
         cutoff, source = resolve_cutoff(context, config, lambda: steps.database_now(engine))
         with engine.connect() as conn:
-            prerequisites.check(conn, name, app_db.db_schema)
+            for warning in prerequisites.check(conn, name, app_db.db_schema):
+                context.log.warning("%s", warning)
         context.log.info(
             "%s: cutoff %s (from %s), batch_size %d, dry_run %s",
             name,

@@ -6,6 +6,7 @@ test. State is compared to tests.model for all four tables.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -160,6 +161,45 @@ def test_missing_index_fails_fast_and_says_how_to_create_it(
             assert result.is_node_success(other), other
             expected = getattr(model, other)(expected, T)
     assert pg.snapshot(app_url) == expected
+
+
+def _warnings(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    return [
+        entry.user_message
+        for entry in instance.all_logs(run_id)
+        if entry.level == logging.WARNING and not entry.is_dagster_event
+    ]
+
+
+def test_full_expires_at_index_works_but_warns_with_the_partial_index_to_create(
+    app_url: str,
+) -> None:
+    data.boundaries(app_url)
+    pg.execute(app_url, "DROP INDEX after_hours_sessions_open_expires_idx")
+    pg.execute(app_url, "CREATE INDEX sct_full_idx ON after_hours_sessions (expires_at)")
+    before = pg.snapshot(app_url)
+    with dg.instance_for_test() as instance:
+        result = run_job(app_url, partition_key="2026-11-27", instance=instance)
+        assert result.success
+        assert pg.snapshot(app_url) == model.cleanup(before, T)
+        [warning] = [w for w in _warnings(instance, result.run_id) if "not partial" in w]
+        assert warning.startswith(
+            "expire_sessions: the index on public.after_hours_sessions (expires_at) is not "
+            "partial (WHERE ended_at IS NULL)"
+        )
+        assert (
+            "Fix: CREATE INDEX CONCURRENTLY ON after_hours_sessions (expires_at) "
+            "WHERE ended_at IS NULL;" in warning
+        )
+        # With the partial index (any spelling of its predicate) there is nothing to say.
+        pg.execute(
+            app_url,
+            "CREATE INDEX sct_partial_idx ON after_hours_sessions (expires_at)"
+            " WHERE (ended_at is null)",
+        )
+        result = run_job(app_url, partition_key="2026-11-27", instance=instance)
+        assert result.success
+        assert not [w for w in _warnings(instance, result.run_id) if "not partial" in w]
 
 
 def test_wrong_column_type_fails_before_any_change(app_url: str) -> None:
