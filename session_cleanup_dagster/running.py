@@ -11,6 +11,7 @@ credentials, the safety cap. A retry would only fail the same way, later.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import psycopg
 import sqlalchemy as sa
 import sqlalchemy.exc
 
-from session_cleanup_dagster import assets, errors, locking, prerequisites, steps
+from session_cleanup_dagster import assets, errors, locking, prerequisites, safety_cap, steps
 from session_cleanup_dagster.config import CleanupConfig
 from session_cleanup_dagster.cutoff import resolve_cutoff
 from session_cleanup_dagster.resources import AppDatabase
@@ -61,6 +62,7 @@ def run_step(
         )
     where = f"{name} on {app_db.describe()}"
     secrets = [app_db.password()]
+    budget: safety_cap.RowBudget | None = None
     try:
         lock = _take_lock(context, app_db)
         engine = app_db.get_engine()
@@ -76,14 +78,29 @@ def run_step(
             config.batch_size,
             config.dry_run,
         )
-        result = step(
-            engine,
-            cutoff,
-            config.step_options(),
-            schema=app_db.db_schema,
-            before_batch=_before_batch(context, lock),
-            **step_kwargs,
-        )
+        options = config.step_options()
+        if options.max_rows is not None and not options.dry_run:
+            budget = safety_cap.RowBudget(context, name, options.max_rows)
+            options = dataclasses.replace(options, changed_before=budget.changed_before)
+        try:
+            result = step(
+                engine,
+                cutoff,
+                options,
+                schema=app_db.db_schema,
+                before_batch=_before_batch(context, lock, budget),
+                **step_kwargs,
+            )
+        except steps.SafetyCapExceeded as exc:
+            if budget is not None:
+                budget.settle(exc.changed - budget.changed_before)
+            raise
+        except Exception as exc:
+            if budget is not None:
+                budget.failed(exc)
+            raise
+        if budget is not None:
+            budget.settle(result.changed)
         assets.report_step(context, engine, app_db.db_schema, result, source, **step_kwargs)
         # The last batch may have committed after a cancel (or a forced CANCELED) arrived:
         # end the op interrupted, so a canceled run never turns SUCCESS (dagster#34175).
@@ -194,7 +211,11 @@ def _take_lock(context: dg.OpExecutionContext, app_db: AppDatabase) -> locking.R
     return lock
 
 
-def _before_batch(context: dg.OpExecutionContext, lock: locking.RunLock) -> steps.BeforeBatch:
+def _before_batch(
+    context: dg.OpExecutionContext,
+    lock: locking.RunLock,
+    budget: safety_cap.RowBudget | None,
+) -> steps.BeforeBatch:
     """Log progress at most every 5 s; stop before a batch once a cancel is requested."""
     last_log = time.monotonic()
     last_check = -CANCEL_CHECK_EVERY_S
@@ -212,6 +233,8 @@ def _before_batch(context: dg.OpExecutionContext, lock: locking.RunLock) -> step
             )
         # Cheap (one round trip on the lock's own connection), so before every batch.
         lock.ensure()
+        if budget is not None:
+            budget.before_batch(progress)
         if now - last_log >= PROGRESS_EVERY_S:
             last_log = now
             context.log.info("%s", describe_progress(progress))

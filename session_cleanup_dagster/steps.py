@@ -91,6 +91,9 @@ class StepOptions:
     dry_run: bool = False
     max_rows: int | None = None
     target_batch_ms: int | None = 100
+    # Rows this step may already have changed in earlier attempts of the same run (its
+    # retries and the run's re-executions); they count against max_rows (safety_cap.py).
+    changed_before: int = 0
 
 
 @dataclass
@@ -108,6 +111,9 @@ class Progress:
     basis: str = "from the table's size in pages at the start"
     # When the walk started counting in ``unit`` (a walk of two passes counts each apart).
     units_started: float | None = None
+    # The most rows the next batch may change (it is rolled back whole if it would pass
+    # max_rows), set before ``before_batch`` is called.
+    next_batch_limit: int = 0
 
     @property
     def elapsed(self) -> float:
@@ -142,16 +148,20 @@ class StepResult:
 class SafetyCapExceeded(Exception):
     """The step stopped before changing more than ``max_rows`` rows."""
 
-    def __init__(self, step: str, changed: int, next_batch: int, max_rows: int) -> None:
+    def __init__(
+        self, step: str, changed: int, next_batch: int, max_rows: int, *, before: int = 0
+    ) -> None:
         self.step = step
         self.changed = changed
         self.next_batch = next_batch
         self.max_rows = max_rows
+        earlier = f" (up to {before} of them in earlier attempts of this run)" if before else ""
         super().__init__(
-            f"{step} stopped at its safety cap: it changed {changed} rows, and the next batch "
-            f"of {next_batch} would have taken it past max_rows={max_rows}. That batch was "
-            "rolled back; every committed batch is complete. If this many rows really are "
-            "due (say, after an outage), raise max_rows for one run or run with dry_run first."
+            f"{step} stopped at its safety cap: it changed {changed} rows{earlier}, and the "
+            f"next batch of {next_batch} would have taken it past max_rows={max_rows}. That "
+            "batch was rolled back; every committed batch is complete. If this many rows "
+            "really are due (say, after an outage), raise max_rows for one run or run with "
+            "dry_run first."
         )
 
 
@@ -338,18 +348,23 @@ def _walk(
     def check(changed: int) -> None:
         # Runs inside the batch's transaction, before its commit: a batch that would pass
         # the cap is rolled back whole, so no committed work ever exceeds max_rows.
-        if options.max_rows is not None and progress.changed + changed > options.max_rows:
-            raise SafetyCapExceeded(name, progress.changed, changed, options.max_rows)
+        done = options.changed_before + progress.changed
+        if options.max_rows is not None and done + changed > options.max_rows:
+            raise SafetyCapExceeded(
+                name, done, changed, options.max_rows, before=options.changed_before
+            )
 
     try:
         while True:
             walk.progress(progress)
-            if before_batch is not None:
-                before_batch(progress)
             cap = options.batch_size
             if options.max_rows is not None and not options.dry_run:
                 # One row more than the cap allows, so "would pass the cap" is visible.
-                cap = min(cap, options.max_rows - progress.changed + 1)
+                left = options.max_rows - options.changed_before - progress.changed
+                cap = max(1, min(cap, left + 1))
+            progress.next_batch_limit = cap
+            if before_batch is not None:
+                before_batch(progress)
             batch = walk.run_batch(engine, cap, options.dry_run, SAMPLE_SIZE - len(samples), check)
             if batch.changed:
                 progress.batches += 1

@@ -103,3 +103,45 @@ def test_run_past_max_rows_fails_loudly_with_counts_and_leaves_whole_batches(
 
 def _old(before: pg.Snapshot, table: str, row: dict[str, Any]) -> dict[str, Any]:
     return next(r for r in before[table] if r["id"] == row["id"])
+
+
+def test_the_cap_counts_across_the_retries_of_a_transient_fault_mid_step(app_url: str) -> None:
+    """A transient fault in the middle of the step retries the op; the cap holds for the run."""
+    engine = pg.engine(app_url)
+    seed_database(engine, 300, anchor=T, create_schema=False)
+    engine.dispose()
+    before = pg.snapshot(app_url)
+    expected = model.cleanup(before, T)
+    due = changed_ids(before, expected, "after_hours_sessions")
+    assert len(due) > 200
+    # The fault: the 61st row the step updates fails with serialization_failure (transient),
+    # once (a sequence counts outside the transaction that the error rolls back).
+    pg.execute(
+        app_url,
+        """
+        CREATE SEQUENCE sct_fault_seq;
+        CREATE FUNCTION sct_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF nextval('sct_fault_seq') = 61 THEN
+            RAISE EXCEPTION 'injected fault' USING ERRCODE = '40001';
+          END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER sct_fault BEFORE UPDATE ON after_hours_sessions
+          FOR EACH ROW EXECUTE FUNCTION sct_fault();
+        """,
+    )
+    result = run_job(
+        app_url,
+        partition_key="2026-11-27",
+        op_config={"expire_sessions": {"batch_size": 40, "target_batch_ms": 0, "max_rows": 100}},
+    )
+    assert attempts(result, "expire_sessions") == 2  # the fault, then the cap: not retried
+    meta = failure_metadata(result, "expire_sessions")
+    ended = changed_ids(before, pg.snapshot(app_url), "after_hours_sessions")
+    assert len(ended) == meta["rows_changed"] <= 100 < meta["rows_changed"] + meta["next_batch"]
+    assert "in earlier attempts of this run" in failure_message(result, "expire_sessions")
+    table = "after_hours_sessions"
+    want = {row["id"]: row for row in expected[table]}
+    for row in pg.snapshot(app_url)[table]:
+        assert row == (want[row["id"]] if row["id"] in ended else _old(before, table, row))
