@@ -44,3 +44,11 @@ GRANT DELETE ON public.after_hours_declines TO session_cleanup;
 GRANT SELECT (id, session_id, created_at) ON public.device_fingerprints TO session_cleanup;
 GRANT UPDATE (id) ON public.device_fingerprints TO session_cleanup;
 GRANT DELETE ON public.device_fingerprints TO session_cleanup;
+
+-- Optional, recommended where the database streams to replicas: the step holds its batches
+-- while a replica replays more than app_db.max_replica_lag_mb behind (health.py). Seeing
+-- other roles' replication positions in pg_stat_replication takes pg_read_all_stats (part of
+-- pg_monitor), which a NOINHERIT role only uses when the grant says INHERIT. Without it the
+-- step warns once and runs unheld. PostgreSQL 16+:
+--   GRANT pg_monitor TO session_cleanup WITH INHERIT TRUE;
+-- PostgreSQL 14 and 15: ALTER ROLE session_cleanup INHERIT; GRANT pg_monitor TO session_cleanup;

@@ -31,6 +31,9 @@ TRANSIENT_SQLSTATES = frozenset(
         "57P03",  # cannot_connect_now (server starting up)
         "53300",  # too_many_connections
         "53400",  # configuration_limit_exceeded
+        # read_only_sql_transaction: the primary became a standby (failover); a fresh
+        # connection reaches the new primary once the URL's host follows it.
+        "25006",
     }
 )
 

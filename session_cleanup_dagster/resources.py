@@ -7,6 +7,7 @@ when it ends: one engine, and so one small connection pool, per run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -14,19 +15,25 @@ import sqlalchemy as sa
 from pydantic import Field, PrivateAttr
 
 from session_cleanup_dagster.errors import ConfigError
+from session_cleanup_dagster.health import ReplicaHold
 from session_cleanup_dagster.locking import RunLock
 from session_cleanup_dagster.schema import validate_identifier
 from session_cleanup_dagster.urls import psycopg_url
 
 
-def session_options(
+def session_settings(
     *,
     lock_timeout_ms: int,
     statement_timeout_ms: int,
     idle_in_transaction_timeout_ms: int,
-) -> str:
-    """The libpq ``options`` string that sets our per-session limits on the server."""
-    settings = {
+) -> dict[str, str]:
+    """Our per-session limits, set on every new connection right after it opens.
+
+    Not as a libpq startup ``options`` string: PgBouncer refuses that startup parameter
+    ("unsupported startup parameter: options"), and poolers told to ignore it drop the limits
+    silently. ``SET`` after connecting works directly and through a session-pooling pooler.
+    """
+    return {
         "lock_timeout": str(int(lock_timeout_ms)),
         "statement_timeout": str(int(statement_timeout_ms)),
         "idle_in_transaction_session_timeout": str(int(idle_in_transaction_timeout_ms)),
@@ -38,7 +45,15 @@ def session_options(
         # compiling them took 5-50 ms a batch, more than running them (README, "Performance").
         "jit": "off",
     }
-    return " ".join(f"-c {name}={value}" for name, value in settings.items())
+
+
+def apply_settings(dbapi_connection: Any, settings: dict[str, str]) -> None:
+    """Set ``settings`` for the session of a fresh psycopg connection, in one round trip."""
+    calls = ", ".join("set_config(%s, %s, false)" for _ in settings)
+    params = [item for pair in settings.items() for item in pair]
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(f"SELECT {calls}", params)
+    dbapi_connection.commit()
 
 
 def make_engine(
@@ -62,13 +77,11 @@ def make_engine(
     connect_args: dict[str, Any] = {
         "application_name": application_name,
         "connect_timeout": connect_timeout_s,
-        "options": session_options(
-            lock_timeout_ms=lock_timeout_ms,
-            statement_timeout_ms=statement_timeout_ms,
-            idle_in_transaction_timeout_ms=idle_in_transaction_timeout_ms,
-        ),
+        # No server-side prepared statements: behind a pooler they outlive the transaction on
+        # one server connection and collide on another ("_pg3_0 already exists").
+        "prepare_threshold": None,
     }
-    return sa.create_engine(
+    engine = sa.create_engine(
         parsed,
         connect_args=connect_args,
         # One connection does all the work; a second covers a pre-ping replacement.
@@ -79,6 +92,17 @@ def make_engine(
         # Bound parameters (ids, cutoffs) stay out of error messages and logs.
         hide_parameters=True,
     )
+    settings = session_settings(
+        lock_timeout_ms=lock_timeout_ms,
+        statement_timeout_ms=statement_timeout_ms,
+        idle_in_transaction_timeout_ms=idle_in_transaction_timeout_ms,
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _limit_session(dbapi_connection: Any, connection_record: Any) -> None:
+        apply_settings(dbapi_connection, settings)
+
+    return engine
 
 
 class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
@@ -118,6 +142,21 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
         ),
     )
 
+    max_replica_lag_mb: int = Field(
+        default=100,
+        description=(
+            "Hold batches while a streaming replica replays more than this many MB behind "
+            "the primary (pg_stat_replication); 0 turns the hold off."
+        ),
+    )
+    replica_hold_max_s: int = Field(
+        default=1800,
+        description=(
+            "Longest a step holds for replica lag; then it fails, keeping every committed "
+            "batch, and the next run goes on."
+        ),
+    )
+
     _engine: sa.Engine | None = PrivateAttr(default=None)
     _run_lock: RunLock | None = PrivateAttr(default=None)
 
@@ -138,6 +177,15 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
         if not 0 <= self.lock_wait_s <= 86_400:
             raise ConfigError(
                 f"app_db.lock_wait_s is {self.lock_wait_s}: use 0 to 86400 (seconds)."
+            )
+        if not 0 <= self.max_replica_lag_mb <= 1_000_000:
+            raise ConfigError(
+                f"app_db.max_replica_lag_mb is {self.max_replica_lag_mb}: use 0 (off) to "
+                "1000000 (MB)."
+            )
+        if not 1 <= self.replica_hold_max_s <= 86_400:
+            raise ConfigError(
+                f"app_db.replica_hold_max_s is {self.replica_hold_max_s}: use 1 to 86400 (seconds)."
             )
         if not 1 <= self.connect_timeout_s <= 300:
             raise ConfigError(
@@ -170,6 +218,25 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
                 connect_timeout_s=self.connect_timeout_s,
             )
         return self._engine
+
+    def reconnect(self) -> None:
+        """Drop every connection (the lock's too): the next use connects afresh."""
+        if self._run_lock is not None:
+            self._run_lock.close()
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def replica_hold(self, step: str, log: Any, *, check_cancel: Callable[[], None]) -> ReplicaHold:
+        """The replica-lag hold for one step (health.py); it connects on first use."""
+        return ReplicaHold(
+            self.url,
+            step,
+            max_lag_mb=self.max_replica_lag_mb,
+            max_hold_s=self.replica_hold_max_s,
+            connect_timeout_s=self.connect_timeout_s,
+            log=log,
+            check_cancel=check_cancel,
+        )
 
     def run_lock(self, run_id: str) -> RunLock:
         """This run's cleanup lock (not yet taken); one per run, shared by its ops."""

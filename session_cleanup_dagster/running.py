@@ -22,7 +22,16 @@ import psycopg
 import sqlalchemy as sa
 import sqlalchemy.exc
 
-from session_cleanup_dagster import assets, errors, locking, prerequisites, safety_cap, steps
+from session_cleanup_dagster import (
+    assets,
+    errors,
+    health,
+    locking,
+    prerequisites,
+    safety_cap,
+    steps,
+    topology,
+)
 from session_cleanup_dagster.config import CleanupConfig
 from session_cleanup_dagster.cutoff import resolve_cutoff
 from session_cleanup_dagster.resources import AppDatabase
@@ -63,7 +72,14 @@ def run_step(
     where = f"{name} on {app_db.describe()}"
     secrets = [app_db.password()]
     budget: safety_cap.RowBudget | None = None
+    hold: health.ReplicaHold | None = None
     try:
+        topology.check(
+            app_db.url,
+            name,
+            connect_timeout_s=app_db.connect_timeout_s,
+            retrying=context.retry_number > 0,
+        )
         lock = _take_lock(context, app_db)
         engine = app_db.get_engine()
         cutoff, source = resolve_cutoff(context, config, lambda: steps.database_now(engine))
@@ -78,6 +94,11 @@ def run_step(
             config.batch_size,
             config.dry_run,
         )
+        hold = app_db.replica_hold(
+            name,
+            context.log,
+            check_cancel=lambda: _stop_if_canceled(context, f"{name}: run canceled while holding"),
+        )
         options = config.step_options()
         if options.max_rows is not None and not options.dry_run:
             budget = safety_cap.RowBudget(context, name, options.max_rows)
@@ -88,7 +109,7 @@ def run_step(
                 cutoff,
                 options,
                 schema=app_db.db_schema,
-                before_batch=_before_batch(context, lock, budget),
+                before_batch=_before_batch(context, lock, budget, hold),
                 **step_kwargs,
             )
         except steps.SafetyCapExceeded as exc:
@@ -125,6 +146,10 @@ def run_step(
         message = errors.explain(exc, where=where, secrets=secrets)
         if errors.is_transient(exc):
             context.log.warning("%s", message)
+            if errors.sqlstate(exc) == "25006" or isinstance(exc, errors.TransientDatabaseError):
+                # A failover: the connections lead to a standby now. Start afresh, so the
+                # retry reaches whatever the URL's host leads to then.
+                app_db.reconnect()
             raise dg.RetryRequested(
                 max_retries=MAX_RETRIES, seconds_to_wait=retry_delay_s(context.retry_number)
             ) from errors.TransientDatabaseError(message)
@@ -133,6 +158,9 @@ def run_step(
         raise dg.Failure(
             description=errors.redact(f"{where}: {exc}", secrets), allow_retries=False
         ) from None
+    finally:
+        if hold is not None:
+            hold.close()
     verb = "would change" if result.dry_run else "changed"
     context.log.info(
         "%s: %s %d rows in %d batches, %.2f s (%.0f rows/s)%s",
@@ -144,7 +172,9 @@ def run_step(
         result.rows_per_second,
         f"; sample ids: {', '.join(result.sample_ids)}" if result.dry_run else "",
     )
-    return dg.Output(None, metadata=_metadata(result, source))
+    metadata = _metadata(result, source)
+    metadata["replica_hold_s"] = round(hold.held_s, 1)
+    return dg.Output(None, metadata=metadata)
 
 
 def _metadata(result: steps.StepResult, source: str) -> dict[str, Any]:
@@ -215,6 +245,7 @@ def _before_batch(
     context: dg.OpExecutionContext,
     lock: locking.RunLock,
     budget: safety_cap.RowBudget | None,
+    hold: health.ReplicaHold,
 ) -> steps.BeforeBatch:
     """Log progress at most every 5 s; stop before a batch once a cancel is requested."""
     last_log = time.monotonic()
@@ -233,6 +264,7 @@ def _before_batch(
             )
         # Cheap (one round trip on the lock's own connection), so before every batch.
         lock.ensure()
+        hold.before_batch()
         if budget is not None:
             budget.before_batch(progress)
         if now - last_log >= PROGRESS_EVERY_S:

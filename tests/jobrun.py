@@ -19,15 +19,19 @@ def run_job(
     op_config: dict[str, dict[str, Any]] | None = None,
     instance: dg.DagsterInstance | None = None,
     raise_on_error: bool = False,
+    app_db: dict[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> dg.ExecuteInProcessResult:
+    """Run session_cleanup_job in process; ``app_db`` sets the resource's other fields."""
     job = defs.resolve_job_def("session_cleanup_job")
     run_config = {"ops": {op: {"config": (op_config or {}).get(op, {})} for op in OPS}}
     return job.execute_in_process(
         run_config=run_config,
-        resources={"app_db": AppDatabase(url=url)},
+        resources={"app_db": AppDatabase(url=url, **(app_db or {}))},
         partition_key=partition_key,
         instance=instance,
         raise_on_error=raise_on_error,
+        run_id=run_id,
     )
 
 
