@@ -139,6 +139,24 @@ def test_pacing_measures_idle_and_each_setting_and_drops_its_databases(admin_url
     assert _databases(admin_url, f"{PREFIX}_{proc.pid}_%") == []
 
 
+def test_replica_benchmark_reports_wal_lag_and_time_per_step_held_and_unheld(
+    admin_url: str,
+) -> None:
+    args = ("--scale", "XS", "--limits", "0,1", "--slow-replay-ms", "300")
+    with _python_m(admin_url, "benchmarks.replica", *args, stdout=subprocess.PIPE) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = stdout.splitlines()
+    for label in ("no hold", "hold at 1 MB"):
+        rows = [line for line in lines if line.strip().startswith(label)]
+        assert [step for step in STEPS if any(step in row for row in rows)] == list(STEPS)
+        assert all("WAL" in row and "max replay lag" in row for row in rows[:3]), rows
+        assert any("all three" in row for row in rows), rows
+
+
 def _databases(admin_url: str, pattern: str) -> list[str]:
     with psycopg.connect(admin_url) as conn:
         rows = conn.execute(

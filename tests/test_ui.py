@@ -84,6 +84,9 @@ def page(browser: Browser, stack: Stack) -> Iterator[Page]:
     # The first visit shows a newsletter dialog over the page; mark it as dismissed.
     context.add_init_script("window.localStorage.setItem('communityNux', 'true')")
     context.set_default_timeout(60_000)
+    # The same patience for assertions: on a loaded 2-core machine the job graph took over
+    # expect()'s default 5 s to render (seen once in a full suite run beside other work).
+    expect.set_options(timeout=60_000)
     page = context.new_page()
     yield page
     context.close()
