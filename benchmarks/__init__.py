@@ -1,1 +1,1 @@
-"""Benchmarks (see README)."""
+"""Benchmarks (see benchmarks/README.md)."""

@@ -123,7 +123,7 @@ def run_once(
     figures = []
     try:
         for name in JOB_ORDER:
-            pair.wait_caught_up()
+            pair.wait_caught_up(within_bytes=MB)
             hold = health.ReplicaHold(
                 url,
                 name,

@@ -3,7 +3,7 @@
 The ops have no data dependencies, so a failing step does not stop the other two; the run
 still fails. The in-process executor runs them one after another in the run worker: a
 cleanup gains nothing from running its steps in parallel against one database, and the
-multiprocess executor adds seconds of process start-up per op (see the README's figures).
+multiprocess executor adds seconds of process start-up per op (benchmarks/README.md).
 """
 
 from __future__ import annotations

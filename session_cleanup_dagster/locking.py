@@ -26,9 +26,9 @@ import psycopg
 
 from session_cleanup_dagster.urls import psycopg_url
 
-# int.from_bytes(b"sesclean", "big") = 8315179157867028846: a fixed bigint, documented in the
-# README. In pg_locks it shows as locktype 'advisory', classid = high 32 bits (1936028515),
-# objid = low 32 bits (1818583406), objsubid 1.
+# int.from_bytes(b"sesclean", "big") = 8315179157867028846: a fixed bigint, documented in
+# docs/operations.md. In pg_locks it shows as locktype 'advisory', classid = high 32 bits
+# (1936028515), objid = low 32 bits (1818583406), objsubid 1.
 LOCK_KEY = int.from_bytes(b"sesclean", "big")
 LOCK_CLASSID = LOCK_KEY >> 32
 LOCK_OBJID = LOCK_KEY & 0xFFFFFFFF

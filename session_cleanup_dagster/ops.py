@@ -37,7 +37,7 @@ def purge_declines(
 # Runs first (the in-process executor starts higher priorities first): it probes the
 # sessions' primary key, and once expire_sessions has rewritten many session rows (a
 # backlog), most of those probes must also read a heap page to check visibility. Measured
-# at L: 7.8 s before expire_sessions, 11.5 s after it (README, "Performance").
+# at L: 7.8 s before expire_sessions, 11.5 s after it (benchmarks/README.md).
 @dg.op(tags={**_TAGS, "dagster/priority": "1"})
 def remove_orphan_fingerprints(
     context: dg.OpExecutionContext,

@@ -42,7 +42,7 @@ def session_settings(
         "client_connection_check_interval": "2000",
         # A batch statement runs for milliseconds, but the planner costs some of them (a
         # merge over the whole primary key, a window of many pages) above jit_above_cost:
-        # compiling them took 5-50 ms a batch, more than running them (README, "Performance").
+        # compiling them took 5-50 ms a batch, more than running them (benchmarks/README.md).
         "jit": "off",
     }
 
@@ -138,7 +138,7 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
         default=300,
         description=(
             "Longest wait for the cleanup lock while another cleanup holds it; then the run "
-            "fails, having changed nothing (see the README's overlap guard)."
+            "fails, having changed nothing (docs/operations.md, the overlap guard)."
         ),
     )
 

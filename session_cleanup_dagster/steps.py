@@ -22,7 +22,7 @@ index serves the condition:
 - ``expire_sessions`` walks the partial index on open sessions, keyset on (expires_at, id),
   when few sessions are due, and the heap like the others when many are (``_ExpireChoice``).
 
-The numbers behind these choices are in the README ("Performance") and benchmarks/.
+The numbers behind these choices are in docs/design.md and benchmarks/README.md.
 
 A dry run walks the same way without locking or changing a row of the app's (the orphan
 step still fills its own temporary table), so its counts equal a real run's on the same data.
@@ -58,8 +58,8 @@ FAST_LOCK_TIMEOUT_MS = 50
 # WAL flush, and the app's commits queue behind those flushes: sampled during a cleanup at
 # S, the app's writes were waiting on WALSync in 60 % of their time (35 % at idle).
 # Measured with ``python -m benchmarks.pacing --commits async,sync`` at S, 5 paired rounds:
-# the app's p99 during the cleanup was lower in 4 (median 5.3 against 7.5 ms; README,
-# "Performance"), and the steps no slower. The cost: a server crash may lose the last
+# the app's p99 during the cleanup was lower in 4 (median 5.3 against 7.5 ms;
+# benchmarks/README.md), and the steps no slower. The cost: a server crash may lose the last
 # batches' commits (those of about the last three wal_writer_delay, 600 ms by default),
 # each whole, so the data stays consistent and the next run changes those rows again. The
 # app's own commits are unaffected.
@@ -851,7 +851,7 @@ class _OrphanWalk:
 
     Pass 2 probes the primary key per row: its ids are sparse in the key space.
 
-    Measured at L (single runs on identical copies; README, "Performance"): the one-statement
+    Measured at L (single runs on identical copies; benchmarks/README.md): the one-statement
     limit 3.2-3.6 s, one pass deleting as it goes 5.3-5.8 s, these two passes 3.9-4.0 s with
     probes alone.
 

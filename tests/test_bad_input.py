@@ -4,7 +4,7 @@ Touches: the whole job through execute_in_process (config, the app_db resource, 
 prerequisites, error sorting and retries) on a fresh database per test, plus a private
 embedded PostgreSQL with password authentication for the wrong-password and missing-database
 cases (the shared server trusts every local connection). Each entry here is a row of the
-README's "Bad-input matrix"; tests/test_job.py holds the rest (batch_size 0, retention_days
+docs/safety.md's "Bad-input matrix"; tests/test_job.py holds the rest (batch_size 0, retention_days
 100000, as_of "yesterday", as_of in the future, missing table, column and index, wrong
 column type, role without DELETE, unreachable server).
 

@@ -113,16 +113,23 @@ class ReplicaPair:
     def resume_replay(self) -> None:
         pg.execute(self.standby_url, "SELECT pg_wal_replay_resume()")
 
-    def wait_caught_up(self) -> None:
+    def wait_caught_up(self, within_bytes: int = 0, timeout: float = 120) -> None:
+        """Until the standby has replayed all but ``within_bytes`` of the primary's WAL.
+
+        A tolerance helps when the primary keeps writing (autovacuum on a fresh copy).
+        """
+
         def caught_up() -> bool:
             with psycopg.connect(self.primary_url, autocommit=True) as conn:
                 row = conn.execute(
-                    "SELECT count(*) FILTER (WHERE replay_lsn >= pg_current_wal_lsn()), count(*)"
-                    " FROM pg_stat_replication"
+                    "SELECT count(*) FILTER (WHERE"
+                    " pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) <= %s), count(*)"
+                    " FROM pg_stat_replication",
+                    (within_bytes,),
                 ).fetchone()
             return row is not None and row[1] > 0 and row[0] == row[1]
 
-        wait_for("the standby to catch up", caught_up, 60)
+        wait_for("the standby to catch up", caught_up, timeout)
 
 
 @contextmanager
