@@ -28,7 +28,7 @@ import psycopg
 from session_cleanup_dagster.errors import PermanentDatabaseError
 from session_cleanup_dagster.locking import conninfo
 
-CHECK_EVERY_S = 2.0
+CHECK_EVERY_S = 0.5
 LOG_EVERY_S = 30.0
 POLL_S = 0.25
 MB = 1024 * 1024
