@@ -117,12 +117,7 @@ def test_pacing_measures_idle_and_each_setting_and_drops_its_databases(admin_url
         "--idle-s",
         "1",
     )
-    with _python_m(admin_url, "benchmarks.pacing", *args, stdout=subprocess.PIPE) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=300)
-        finally:
-            proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+    proc, stdout = _printed(admin_url, "benchmarks.pacing", *args)
     lines = stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
         "round 1 idle",
@@ -143,18 +138,24 @@ def test_replica_benchmark_reports_wal_lag_and_time_per_step_held_and_unheld(
     admin_url: str,
 ) -> None:
     args = ("--scale", "XS", "--limits", "0,1", "--slow-replay-ms", "300")
-    with _python_m(admin_url, "benchmarks.replica", *args, stdout=subprocess.PIPE) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=300)
-        finally:
-            proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+    _, stdout = _printed(admin_url, "benchmarks.replica", *args)
     lines = stdout.splitlines()
     for label in ("no hold", "hold at 1 MB"):
         rows = [line for line in lines if line.strip().startswith(label)]
         assert [step for step in STEPS if any(step in row for row in rows)] == list(STEPS)
         assert all("WAL" in row and "max replay lag" in row for row in rows[:3]), rows
         assert any("all three" in row for row in rows), rows
+
+
+def _printed(admin_url: str, module: str, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """Run ``python -m module`` to its end (5 min at most); it must succeed. Its stdout."""
+    with _python_m(admin_url, module, *args, stdout=subprocess.PIPE) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    return proc, stdout
 
 
 def _databases(admin_url: str, pattern: str) -> list[str]:

@@ -183,27 +183,29 @@ def test_a_standby_url_fails_fast_and_says_to_use_the_primary(
     assert pg.snapshot(primary_app) == before
 
 
+def _held(
+    instance: dg.DagsterInstance, replica: topology.ReplicaPair, url: str
+) -> tuple[pg.Snapshot, Background, list[str]]:
+    """Seed, pause the standby's replay, start the job; return once a step holds."""
+    before = _seed(url, 2000)
+    replica.wait_caught_up()
+    replica.pause_replay()
+    job = Background(
+        instance, url, partition_key=PARTITION, op_config=SMALL, app_db={"max_replica_lag_mb": 1}
+    )
+    holding = wait_for(
+        "a step to hold for the paused replica",
+        lambda: [m for m in _logs(instance, job.run_id, logging.WARNING) if "holding batches" in m],
+        120,
+    )
+    return before, job, holding
+
+
 def test_replica_lag_holds_batches_then_resumes_and_the_database_matches_the_contract(
     replica: topology.ReplicaPair, primary_app: str
 ) -> None:
-    before = _seed(primary_app, 2000)
-    replica.wait_caught_up()
-    replica.pause_replay()
     with dg.instance_for_test() as instance:
-        job = Background(
-            instance,
-            primary_app,
-            partition_key=PARTITION,
-            op_config=SMALL,
-            app_db={"max_replica_lag_mb": 1},
-        )
-        holding = wait_for(
-            "a step to hold for the paused replica",
-            lambda: [
-                m for m in _logs(instance, job.run_id, logging.WARNING) if "holding batches" in m
-            ],
-            120,
-        )
+        before, job, holding = _held(instance, replica, primary_app)
         assert "MB behind (limit 1 MB, app_db.max_replica_lag_mb)" in holding[0]
         # Held: some rows changed, and no batch runs while the replica stays behind.
         done = _changed(before, primary_app)
@@ -251,22 +253,8 @@ def test_a_hold_past_its_limit_fails_keeping_whole_batches_and_the_next_run_fini
 def test_a_hold_stops_as_soon_as_the_run_is_canceled(
     replica: topology.ReplicaPair, primary_app: str
 ) -> None:
-    before = _seed(primary_app, 2000)
-    replica.wait_caught_up()
-    replica.pause_replay()
     with dg.instance_for_test() as instance:
-        job = Background(
-            instance,
-            primary_app,
-            partition_key=PARTITION,
-            op_config=SMALL,
-            app_db={"max_replica_lag_mb": 1},
-        )
-        wait_for(
-            "a step to hold",
-            lambda: any("holding" in m for m in _logs(instance, job.run_id, logging.WARNING)),
-            120,
-        )
+        before, job, _ = _held(instance, replica, primary_app)
         run = instance.get_run_by_id(job.run_id)
         assert run is not None
         asked = time.monotonic()
