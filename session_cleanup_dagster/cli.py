@@ -25,9 +25,10 @@ def main() -> None:
 @main.command()
 @click.option(
     "--database-url",
-    envvar="APP_DATABASE_URL",
     required=True,
-    help="Target database (default: $APP_DATABASE_URL). Its tables are created if missing.",
+    # Never $APP_DATABASE_URL: in a production pod that is the production database.
+    help="Target database, always given explicitly. Its tables are created if missing; a "
+    "database whose tables already hold rows is refused.",
 )
 @click.option(
     "--scale",

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
+
 from tests import pg
 
 
@@ -60,6 +62,16 @@ def test_seed_rejects_a_bad_scale_and_a_bad_url() -> None:
     assert bad_url.returncode == 2
     assert "hunter2" not in bad_url.stderr
     assert "postgresql://" in bad_url.stderr
+
+
+def test_seed_never_takes_its_database_from_app_database_url(database_url: str) -> None:
+    # In a production pod APP_DATABASE_URL is the production database.
+    done = _cli("seed", "--scale", "10", env={"APP_DATABASE_URL": database_url})
+    assert done.returncode == 2
+    assert "Missing option '--database-url'" in done.stderr
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()
+    assert row == (0,)
 
 
 def test_demo_runs_end_to_end_on_an_embedded_server() -> None:
