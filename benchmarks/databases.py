@@ -14,6 +14,7 @@ import psycopg
 import sqlalchemy as sa
 
 from session_cleanup_dagster.backlog import backlog
+from session_cleanup_dagster.locking import conninfo
 from session_cleanup_dagster.resources import make_engine
 from session_cleanup_dagster.seed import DECLINE_RETENTION, FINGERPRINT_GRACE, seed_database
 from session_cleanup_dagster.urls import psycopg_url
@@ -25,17 +26,12 @@ log = logging.getLogger(__name__)
 ADMIN_URL_ENV = "SESSION_CLEANUP_BENCH_ADMIN_URL"
 
 
-def _libpq(url: sa.URL) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def plain(url: str) -> str:
-    """A libpq URL (psycopg.connect does not take SQLAlchemy's driver suffix)."""
-    return _libpq(psycopg_url(url))
+# A libpq URL (psycopg.connect does not take SQLAlchemy's driver suffix), as the job makes it.
+plain = conninfo
 
 
 def url_of(admin_url: str, name: str) -> str:
-    return _libpq(psycopg_url(admin_url).set(database=name))
+    return conninfo(psycopg_url(admin_url).set(database=name))
 
 
 def database_of(url: str) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import sqlalchemy as sa
 
 from session_cleanup_dagster.urls import psycopg_url
 
@@ -44,7 +45,7 @@ class LockLost(Exception):
     """The run's lock connection died and another cleanup took the lock meanwhile."""
 
 
-def conninfo(url: str) -> str:
+def conninfo(url: str | sa.URL) -> str:
     """A libpq URL for psycopg.connect (which does not take SQLAlchemy's driver suffix)."""
     return psycopg_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 

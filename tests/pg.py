@@ -20,6 +20,7 @@ import psycopg
 import sqlalchemy as sa
 
 from session_cleanup_dagster import schema
+from session_cleanup_dagster.locking import conninfo
 from session_cleanup_dagster.resources import make_engine
 from session_cleanup_dagster.urls import psycopg_url
 
@@ -44,19 +45,13 @@ def server() -> Iterator[str]:
         yield embedded.admin_url
 
 
-def _libpq(url: sa.URL) -> str:
-    """Render ``url`` as a ``postgresql://`` URL that libpq and psycopg.connect accept."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _plain(url: str) -> str:
-    """A libpq URL (psycopg.connect does not take SQLAlchemy's driver suffix)."""
-    return _libpq(psycopg_url(url))
+# A libpq URL (psycopg.connect does not take SQLAlchemy's driver suffix), as the job makes it.
+_plain = conninfo
 
 
 def database_url(admin_url: str, name: str) -> str:
     """The URL of database ``name`` on the same server as ``admin_url``."""
-    return _libpq(psycopg_url(admin_url).set(database=name))
+    return conninfo(psycopg_url(admin_url).set(database=name))
 
 
 def database_name(url: str) -> str:
@@ -68,12 +63,12 @@ def database_name(url: str) -> str:
 
 def as_role(url: str, role: str, password: str | None = None) -> str:
     """``url`` with its user replaced by ``role`` (and its password by ``password``)."""
-    return _libpq(psycopg_url(url).set(username=role, password=password))
+    return conninfo(psycopg_url(url).set(username=role, password=password))
 
 
 def with_query(url: str, **params: str) -> str:
     """``url`` with libpq parameters added to its query (``?password=...`` and the like)."""
-    return _libpq(psycopg_url(url).update_query_dict(params))
+    return conninfo(psycopg_url(url).update_query_dict(params))
 
 
 @contextmanager
