@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from session_cleanup_dagster.seed import seed_database
 from tests import pg
 
 T = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)
@@ -12,6 +13,19 @@ DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
 SECOND = timedelta(seconds=1)
 MICRO = timedelta(microseconds=1)
+
+
+def seed(url: str, users: int, anchor: datetime | None = T) -> pg.Snapshot:
+    """Seed ``users`` users' synthetic rows (session-cleanup seed's) into the existing schema.
+
+    Returns the whole state afterwards. ``anchor=None``: the data is relative to now.
+    """
+    engine = pg.engine(url)
+    try:
+        seed_database(engine, users, anchor=anchor, create_schema=False)
+    finally:
+        engine.dispose()
+    return pg.snapshot(url)
 
 
 def uid(n: int) -> uuid.UUID:

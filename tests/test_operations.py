@@ -22,8 +22,7 @@ import psycopg
 import pytest
 
 from session_cleanup_dagster import locking
-from session_cleanup_dagster.seed import seed_database
-from tests import model, pg
+from tests import data, model, pg
 from tests.data import T
 from tests.stack import (
     BIN,
@@ -50,12 +49,7 @@ def reseed(url: str, users: int) -> pg.Snapshot:
         url,
         "TRUNCATE users, after_hours_sessions, after_hours_declines, device_fingerprints CASCADE",
     )
-    engine = pg.engine(url)
-    try:
-        seed_database(engine, users, anchor=T, create_schema=False)
-    finally:
-        engine.dispose()
-    return pg.snapshot(url)
+    return data.seed(url, users)
 
 
 def assert_partly_cleaned(before: pg.Snapshot, after: pg.Snapshot, cutoff: Any) -> int:

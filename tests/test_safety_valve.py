@@ -11,8 +11,7 @@ from typing import Any
 
 import dagster as dg
 
-from session_cleanup_dagster.seed import seed_database
-from tests import model, pg
+from tests import data, model, pg
 from tests.data import T
 from tests.jobrun import attempts, failure_message, output_metadata, run_job
 
@@ -34,10 +33,7 @@ def changed_ids(before: pg.Snapshot, after: pg.Snapshot, table: str) -> set[Any]
 def test_run_past_max_rows_fails_loudly_with_counts_and_leaves_whole_batches(
     app_url: str,
 ) -> None:
-    engine = pg.engine(app_url)
-    seed_database(engine, 300, anchor=T, create_schema=False)
-    engine.dispose()
-    before = pg.snapshot(app_url)
+    before = data.seed(app_url, 300)
     expected = model.cleanup(before, T)
     due = {
         table: changed_ids(before, expected, table)
@@ -107,10 +103,7 @@ def _old(before: pg.Snapshot, table: str, row: dict[str, Any]) -> dict[str, Any]
 
 def test_the_cap_counts_across_the_retries_of_a_transient_fault_mid_step(app_url: str) -> None:
     """A transient fault in the middle of the step retries the op; the cap holds for the run."""
-    engine = pg.engine(app_url)
-    seed_database(engine, 300, anchor=T, create_schema=False)
-    engine.dispose()
-    before = pg.snapshot(app_url)
+    before = data.seed(app_url, 300)
     expected = model.cleanup(before, T)
     due = changed_ids(before, expected, "after_hours_sessions")
     assert len(due) > 200

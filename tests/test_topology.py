@@ -25,8 +25,7 @@ import pytest
 import sqlalchemy as sa
 
 from session_cleanup_dagster.resources import make_engine
-from session_cleanup_dagster.seed import seed_database
-from tests import model, pg, topology
+from tests import data, model, pg, topology
 from tests.data import T
 from tests.jobrun import OPS, attempts, failure_message, output_metadata, run_job
 from tests.stack import wait_for
@@ -38,12 +37,7 @@ SMALL = {op: {"batch_size": 10, "target_batch_ms": 0} for op in OPS}
 
 def _seed(url: str, users: int) -> pg.Snapshot:
     pg.create_schema(url)
-    engine = pg.engine(url)
-    try:
-        seed_database(engine, users, anchor=T, create_schema=False)
-    finally:
-        engine.dispose()
-    return pg.snapshot(url)
+    return data.seed(url, users)
 
 
 def _logs(instance: dg.DagsterInstance, run_id: str, level: int) -> list[str]:
@@ -332,7 +326,7 @@ def test_a_primary_turned_read_only_mid_run_is_retried_on_fresh_connections(
 
 
 def test_a_cutoff_a_little_ahead_of_the_database_clock_is_waited_for(app_url: str) -> None:
-    before = _seed_existing(app_url)
+    before = data.seed(app_url, 100, anchor=None)
     with psycopg.connect(app_url) as conn:
         row = conn.execute("SELECT now()").fetchone()
     assert row is not None
@@ -346,12 +340,3 @@ def test_a_cutoff_a_little_ahead_of_the_database_clock_is_waited_for(app_url: st
     assert result.success
     assert any("ahead of the database's clock" in w and "clock skew" in w for w in warnings)
     assert pg.snapshot(app_url) == model.cleanup(before, cutoff)
-
-
-def _seed_existing(url: str) -> pg.Snapshot:
-    engine = pg.engine(url)
-    try:
-        seed_database(engine, 100, create_schema=False)
-    finally:
-        engine.dispose()
-    return pg.snapshot(url)
