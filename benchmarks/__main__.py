@@ -13,9 +13,10 @@ import signal
 import sys
 from pathlib import Path
 
+from session_cleanup_dev.seed import parse_scale
+
 from benchmarks import databases, report, runner
 from benchmarks.approaches import APPROACHES
-from session_cleanup_dagster.seed import parse_scale
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -13,8 +13,9 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from session_cleanup_dev.seed import seed_database
+
 from session_cleanup_dagster import backlog, steps
-from session_cleanup_dagster.seed import seed_database
 from tests import pg
 
 STEPS = {

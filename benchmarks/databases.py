@@ -12,11 +12,11 @@ from datetime import datetime
 
 import psycopg
 import sqlalchemy as sa
+from session_cleanup_dev.seed import DECLINE_RETENTION, FINGERPRINT_GRACE, seed_database
 
 from session_cleanup_dagster.backlog import backlog
 from session_cleanup_dagster.locking import conninfo
 from session_cleanup_dagster.resources import make_engine
-from session_cleanup_dagster.seed import DECLINE_RETENTION, FINGERPRINT_GRACE, seed_database
 from session_cleanup_dagster.urls import psycopg_url
 
 PREFIX = "scbench"
@@ -44,7 +44,7 @@ def admin_server(admin_url: str | None) -> Iterator[str]:
     if admin_url:
         yield admin_url
         return
-    from session_cleanup_dagster.embedded import embedded_postgres
+    from session_cleanup_dev.embedded import embedded_postgres
 
     log.info("no --admin-url or $%s: starting an embedded PostgreSQL", ADMIN_URL_ENV)
     with embedded_postgres() as server:

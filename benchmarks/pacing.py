@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
+from session_cleanup_dev.seed import parse_scale
 
 from benchmarks import app_load, databases
 from benchmarks.__main__ import _exit_on_sigterm
@@ -29,7 +30,6 @@ from benchmarks.approaches import JOB_ORDER
 from benchmarks.runner import CUTOFF
 from session_cleanup_dagster import steps
 from session_cleanup_dagster.resources import make_engine
-from session_cleanup_dagster.seed import parse_scale
 
 Sample = tuple[float, float, str]
 

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import psycopg
+from session_cleanup_dev.seed import parse_scale
 
 from benchmarks import databases
 from benchmarks.__main__ import _exit_on_sigterm
@@ -27,7 +28,6 @@ from benchmarks.approaches import JOB_ORDER
 from benchmarks.runner import CUTOFF
 from session_cleanup_dagster import health, steps
 from session_cleanup_dagster.resources import make_engine
-from session_cleanup_dagster.seed import parse_scale
 from tests import topology
 
 MB = 1024 * 1024

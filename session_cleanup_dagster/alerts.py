@@ -1,7 +1,9 @@
 """Alerts: one webhook for failed runs, staleness and failed SLO checks.
 
 Alerts go to ``SESSION_CLEANUP_ALERT_WEBHOOK_URL`` as Slack incoming-webhook JSON
-(``{"text": ...}``) when it is set, and to the caller's log as an error otherwise.
+(``{"text": ...}``) when it is set, and to the caller's log as an error otherwise. Not
+``dagster-slack``: it needs a bot token and reaches only Slack, where one webhook URL reaches
+any chat or HTTP endpoint (docs/operations.md, "Alerts").
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from typing import Any
 
 import dagster as dg
@@ -79,6 +80,12 @@ def owners() -> list[str]:
     return found
 
 
+# A table whose cleanup has not succeeded for this long is stale: each table's freshness in
+# the UI (Dagster's freshness daemon, from the last real run's materialization), and the
+# staleness alert (sensors.py), which also covers a deployment that never succeeded.
+STALE_AFTER = timedelta(hours=26)
+
+
 def table_specs() -> list[dg.AssetSpec]:
     """The three tables as external assets (no connection is made)."""
     return [
@@ -89,6 +96,7 @@ def table_specs() -> list[dg.AssetSpec]:
             owners=owners(),
             kinds={"postgres"},
             metadata={"table": table},
+            freshness_policy=dg.FreshnessPolicy.time_window(fail_window=STALE_AFTER),
         )
         for table in STEP_TABLES.values()
     ]

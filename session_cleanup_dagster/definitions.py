@@ -18,5 +18,6 @@ defs = dg.Definitions(
     jobs=[session_cleanup_job, build_dry_run_job(), checks.checks_job],
     schedules=[build_schedule(session_cleanup_job)],
     sensors=[*build_sensors(session_cleanup_job), *checks.build_sensors(session_cleanup_job)],
-    resources={"app_db": AppDatabase(url=dg.EnvVar("APP_DATABASE_URL"))},
+    # The URL comes from $APP_DATABASE_URL when a run needs it (AppDatabase.database_url).
+    resources={"app_db": AppDatabase()},
 )

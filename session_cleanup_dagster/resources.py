@@ -20,6 +20,14 @@ from session_cleanup_dagster.locking import RunLock
 from session_cleanup_dagster.schema import validate_identifier
 from session_cleanup_dagster.urls import psycopg_url
 
+URL_ENV_VAR = "APP_DATABASE_URL"
+MISSING_URL = (
+    f"{URL_ENV_VAR} is not set: export it as the app database's URL "
+    f"({URL_ENV_VAR}=postgresql://user@host:5432/app, the password in the URL or in "
+    "~/.pgpass) where the code location and its runs start, then restart them (or reload "
+    "the code location in `dagster dev`)."
+)
+
 
 def session_settings(
     *,
@@ -108,11 +116,13 @@ def make_engine(
 class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
     """The app's PostgreSQL database, reached with psycopg 3 through SQLAlchemy."""
 
-    url: str = Field(
+    url: str | None = Field(
+        default=None,
         description=(
-            "Database URL, from the APP_DATABASE_URL environment variable: postgresql://, "
-            "postgres:// or postgresql+psycopg://. Always driven by psycopg 3."
-        )
+            "Database URL: postgresql://, postgres:// or postgresql+psycopg://, always driven "
+            "by psycopg 3. Unset: the APP_DATABASE_URL environment variable. Give another "
+            "variable as {env: NAME}, never the URL itself."
+        ),
     )
     db_schema: str = Field(
         default="public",
@@ -160,6 +170,21 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
     _engine: sa.Engine | None = PrivateAttr(default=None)
     _run_lock: RunLock | None = PrivateAttr(default=None)
 
+    def database_url(self) -> str:
+        """The URL: ``url`` if set, else $APP_DATABASE_URL, read when a run needs it.
+
+        Read here rather than through ``EnvVar`` in the definitions, so that a code location
+        started without it (``dagster dev`` in a fresh clone) loads, its sensors skip, and a
+        run fails with this one line instead of a configuration traceback at launch.
+
+        Raises:
+            ConfigError: neither is set.
+        """
+        url = self.url if self.url is not None else dg.EnvVar(URL_ENV_VAR).get_value()
+        if url is None:
+            raise ConfigError(MISSING_URL)
+        return url
+
     def validate_settings(self) -> None:
         """Check the settings that can be checked without a connection.
 
@@ -193,8 +218,15 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
             )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """Create the run's engine (no connection is made here)."""
-        self.get_engine()
+        """Create the run's engine (no connection is made here), so bad settings fail first.
+
+        Without a URL at all, nothing fails yet: each op (or sensor) that needs the database
+        reports the missing variable itself, and the sensors that do not, tick on.
+        """
+        if self.url is not None or dg.EnvVar(URL_ENV_VAR).get_value() is not None:
+            self.get_engine()
+        else:
+            self.validate_settings()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         """Close every connection of the run's engine, and the lock connection."""
@@ -210,7 +242,7 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
         if self._engine is None:
             self.validate_settings()
             self._engine = make_engine(
-                self.url,
+                self.database_url(),
                 application_name=self.application_name,
                 lock_timeout_ms=self.lock_timeout_ms,
                 statement_timeout_ms=self.statement_timeout_ms,
@@ -229,7 +261,7 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
     def replica_hold(self, step: str, log: Any, *, check_cancel: Callable[[], None]) -> ReplicaHold:
         """The replica-lag hold for one step (health.py); it connects on first use."""
         return ReplicaHold(
-            self.url,
+            self.database_url(),
             step,
             max_lag_mb=self.max_replica_lag_mb,
             max_hold_s=self.replica_hold_max_s,
@@ -241,14 +273,16 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
     def run_lock(self, run_id: str) -> RunLock:
         """This run's cleanup lock (not yet taken); one per run, shared by its ops."""
         if self._run_lock is None:
-            self._run_lock = RunLock(self.url, run_id, connect_timeout_s=self.connect_timeout_s)
+            self._run_lock = RunLock(
+                self.database_url(), run_id, connect_timeout_s=self.connect_timeout_s
+            )
         return self._run_lock
 
     def password(self) -> str | None:
         """The password in the URL (or its ``?password=``), so messages can be scrubbed of it."""
         try:
-            parsed = psycopg_url(self.url)
-        except ValueError:
+            parsed = psycopg_url(self.database_url())
+        except (ValueError, ConfigError):
             return None
         query = parsed.query.get("password")
         return parsed.password or (query if isinstance(query, str) else None)
@@ -256,8 +290,10 @@ class AppDatabase(dg.ConfigurableResource):  # type: ignore[misc,type-arg]
     def describe(self) -> str:
         """``host:port/database`` for messages; never the user or password."""
         try:
-            parsed = psycopg_url(self.url)
+            parsed = psycopg_url(self.database_url())
+        except ConfigError:
+            return f"{URL_ENV_VAR} (not set)"
         except ValueError:
-            return "APP_DATABASE_URL (malformed)"
+            return f"{URL_ENV_VAR} (malformed)"
         host = parsed.host or parsed.query.get("host") or "local socket"
         return f"{host}:{parsed.port or 5432}/{parsed.database or ''}"

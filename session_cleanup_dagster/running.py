@@ -75,7 +75,7 @@ def run_step(
     hold: health.ReplicaHold | None = None
     try:
         topology.check(
-            app_db.url,
+            app_db.database_url(),
             name,
             connect_timeout_s=app_db.connect_timeout_s,
             retrying=context.retry_number > 0,

@@ -10,8 +10,11 @@ def build_schedule(job: dg.JobDefinition) -> dg.ScheduleDefinition:
 
     The tick at 04:00 UTC on day D+1 launches partition D, whose window ends at that instant,
     so the run's cutoff is the tick time. Written out rather than built with
-    ``build_schedule_from_partitioned_job``, which defaults to STOPPED (a cleanup that must be
-    switched on by hand after every deploy silently does not run) and calls a deprecated API.
+    ``build_schedule_from_partitioned_job``, which gives the same cron and partition but, in
+    1.13.27, defaults to STOPPED (a cleanup that must be switched on by hand after every
+    deploy silently does not run) and warns on every tick that it calls the deprecated
+    ``JobDefinition.run_request_for_partition``. ``tests/test_job.py`` checks both, so this
+    stays only while they hold.
     """
     partitions = job.partitions_def
     assert isinstance(partitions, dg.TimeWindowPartitionsDefinition)

@@ -27,13 +27,15 @@ import psycopg
 
 from session_cleanup_dagster import locking
 from session_cleanup_dagster.alerts import WEBHOOK_ENV, post_alert
+from session_cleanup_dagster.assets import STALE_AFTER
 from session_cleanup_dagster.cutoff import CUTOFF_TAG
+from session_cleanup_dagster.errors import ConfigError
 from session_cleanup_dagster.jobs import EXCLUSIVE_TAG
 from session_cleanup_dagster.resources import AppDatabase
 
 INTERVAL_ENV = "SESSION_CLEANUP_SENSOR_INTERVAL_S"
 GRACE_ENV = "SESSION_CLEANUP_STUCK_RUN_GRACE_S"
-STALE_AFTER_S = 26 * 3600
+STALE_AFTER_S = STALE_AFTER.total_seconds()
 # While stale, repeat the alert once a day rather than on every tick.
 STALE_REPEAT_S = 24 * 3600
 WILL_RETRY_TAG = "dagster/will_retry"
@@ -97,7 +99,12 @@ def build_sensors(job: dg.JobDefinition) -> list[dg.SensorDefinition]:
             context.update_cursor(None)
             return dg.SkipReason("no STARTED cleanup run")
         try:
-            alive = locking.live_run_ids(app_db.url, connect_timeout_s=app_db.connect_timeout_s)
+            alive = locking.live_run_ids(
+                app_db.database_url(), connect_timeout_s=app_db.connect_timeout_s
+            )
+        except ConfigError as exc:
+            context.update_cursor(None)
+            return dg.SkipReason(f"not judging runs: {exc}")
         except psycopg.Error as exc:
             # Without the database we cannot tell a dead worker from a cut-off one: judge
             # nothing, and start over once the database answers.
@@ -161,6 +168,8 @@ def build_sensors(job: dg.JobDefinition) -> list[dg.SensorDefinition]:
         )
         post_alert(text, context.log)
 
+    # Beside the tables' freshness policies (assets.py): those show in the UI but alert
+    # nobody in open-source Dagster, and a table never cleaned is "unknown", not stale.
     @dg.sensor(
         name="session_cleanup_staleness_alert",
         minimum_interval_seconds=interval_s(300),

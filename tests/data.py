@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from session_cleanup_dagster.seed import seed_database
+from session_cleanup_dev.seed import seed_database
+
 from tests import pg
 
 T = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)

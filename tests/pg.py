@@ -39,7 +39,7 @@ def server() -> Iterator[str]:
     if configured:
         yield _plain(configured)
         return
-    from session_cleanup_dagster.embedded import embedded_postgres
+    from session_cleanup_dev.embedded import embedded_postgres
 
     with embedded_postgres() as embedded:
         yield embedded.admin_url
@@ -152,7 +152,7 @@ def password_server() -> Iterator[PasswordServer]:
     The shared test server trusts every local connection, so a wrong password would go
     unnoticed there. This one is ours alone, so changing its pg_hba.conf is fine.
     """
-    from session_cleanup_dagster.embedded import embedded_postgres
+    from session_cleanup_dev.embedded import embedded_postgres
 
     with embedded_postgres() as server:
         (server.data_dir / "pg_hba.conf").write_text(

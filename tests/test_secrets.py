@@ -27,8 +27,9 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 import pytest
+from session_cleanup_dev import seed
 
-from session_cleanup_dagster import errors, seed
+from session_cleanup_dagster import errors
 from tests import data, pg
 
 APP_PASSWORD = "AppPw-Zq7xK2-recognizable"

@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
-
-from session_cleanup_dagster.schema import TABLES, create_reference_schema
-from session_cleanup_dagster.seed import (
+from session_cleanup_dev.seed import (
     SCALES,
     parse_scale,
     seed_database,
     table_counts,
 )
+from sqlalchemy.pool import NullPool
+
+from session_cleanup_dagster.schema import TABLES, create_reference_schema
 from session_cleanup_dagster.urls import psycopg_url
 from tests import pg
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from session_cleanup_dev.seed import seed_database
 
 from session_cleanup_dagster import steps
-from session_cleanup_dagster.seed import seed_database
 from session_cleanup_dagster.steps import StepOptions
 from tests import data, model, pg
 from tests.data import T

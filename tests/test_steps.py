@@ -156,7 +156,7 @@ def test_batch_size_one_makes_one_transaction_per_row(app_url: str) -> None:
 
 
 def test_many_rows_over_many_pages_in_small_batches(app_url: str) -> None:
-    from session_cleanup_dagster.seed import seed_database
+    from session_cleanup_dev.seed import seed_database
 
     engine = pg.engine(app_url)
     seed_database(engine, 300, anchor=T, create_schema=False)

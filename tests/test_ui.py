@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from session_cleanup_dev.seed import seed_database
 
 from session_cleanup_dagster.checks import CHECKS_JOB
-from session_cleanup_dagster.seed import seed_database
 from tests import data, model, pg
 from tests.ui_stack import Stack, ui_stack
 

@@ -135,7 +135,7 @@ class ReplicaPair:
 @contextmanager
 def replica_pair() -> Iterator[ReplicaPair]:
     """Start a primary and a standby of it; stop both and remove their files afterwards."""
-    from session_cleanup_dagster.embedded import embedded_postgres
+    from session_cleanup_dev.embedded import embedded_postgres
 
     with embedded_postgres() as primary:
         bin_dir = _bin_dir()
@@ -192,6 +192,6 @@ def replica_pair() -> Iterator[ReplicaPair]:
 
 
 def _bin_dir() -> Path:
-    from session_cleanup_dagster.embedded import _import_pgserver
+    from session_cleanup_dev.embedded import _import_pgserver
 
     return Path(_import_pgserver().postgres_server.POSTGRES_BIN_PATH)

@@ -12,7 +12,7 @@ import click
 import sqlalchemy as sa
 
 from session_cleanup_dagster.resources import make_engine
-from session_cleanup_dagster.seed import parse_scale, seed_database
+from session_cleanup_dev.seed import parse_scale, seed_database
 
 DEMO_USERS = 2000
 
@@ -67,7 +67,7 @@ def demo(users: int) -> None:
     Needs no PostgreSQL server: the pgserver wheel brings one, and everything it starts is
     stopped and removed at the end.
     """
-    from session_cleanup_dagster.demo import run_demo
+    from session_cleanup_dev.demo import run_demo
 
     with tempfile.TemporaryDirectory(prefix="session-cleanup-demo-") as home:
         ok = run_demo(Path(home), users=users, echo=click.echo)
@@ -99,7 +99,7 @@ def dev(host: str, port: int, project_dir: Path | None, users: int, cancel_timeo
     DAGSTER_PG_URL it starts an embedded PostgreSQL for both and seeds demo data. On
     shutdown it terminates every in-flight run and waits for CANCELED, then stops everything.
     """
-    from session_cleanup_dagster.devstack import DevOptions, run_dev
+    from session_cleanup_dev.devstack import DevOptions, run_dev
 
     options = DevOptions(
         host=host,

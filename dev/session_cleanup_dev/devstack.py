@@ -14,13 +14,12 @@ terminal reaches only this process, which then shuts down in order:
 3. stop the embedded PostgreSQL and remove the temporary directory.
 
 Without ``APP_DATABASE_URL`` or ``DAGSTER_PG_URL`` an embedded PostgreSQL serves both (two
-databases), and the app database is seeded with demo data, so the production dagster.yaml
-(Postgres storage) is what runs locally.
+databases), and the app database is seeded with demo data, so the production instance,
+deploy/dagster.yaml (Postgres storage), is what runs locally.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -29,21 +28,22 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
+import requests
+from dagster_graphql import DagsterGraphQLClientError
 
-from session_cleanup_dagster.embedded import embedded_postgres
 from session_cleanup_dagster.resources import make_engine
-from session_cleanup_dagster.seed import seed_database
+from session_cleanup_dev.embedded import embedded_postgres
+from session_cleanup_dev.seed import seed_database
+from session_cleanup_dev.webserver import Webserver
 
-LOCATION = "session_cleanup_dagster"
+# The production instance (Postgres storage): what this stack runs, on the embedded server.
+INSTANCE = Path("deploy/dagster.yaml")
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -73,12 +73,12 @@ class DevOptions:
 
 
 def project_dir(given: Path | None) -> Path:
-    """Where dagster.yaml and workspace.yaml are: given, else this checkout, else the cwd."""
-    candidates = [given] if given else [Path(__file__).resolve().parents[1], Path.cwd()]
+    """Where deploy/dagster.yaml and workspace.yaml are: given, else this checkout, else the cwd."""
+    candidates = [given] if given else [Path(__file__).resolve().parents[2], Path.cwd()]
     for candidate in candidates:
-        if candidate and (candidate / "dagster.yaml").is_file():
+        if candidate and (candidate / INSTANCE).is_file():
             return candidate.resolve()
-    raise FileNotFoundError("no dagster.yaml found; run from the repository or pass --project-dir")
+    raise FileNotFoundError(f"no {INSTANCE} found; run from the repository or pass --project-dir")
 
 
 def _free_port(host: str) -> int:
@@ -192,49 +192,17 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _graphql(base: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-    request = urllib.request.Request(  # noqa: S310 - our own webserver on http://host:port
-        f"{base}/graphql",
-        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-        body = json.loads(response.read())
-    if body.get("errors"):
-        raise RuntimeError(f"GraphQL error: {body['errors']}")
-    return dict(body["data"])
-
-
-_READY_QUERY = """{
-  workspaceOrError { ... on Workspace { locationEntries {
-    name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } }
-  instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } }
-}"""
-
-
-def _ready(base: str) -> str | None:
+def _ready(webserver: Webserver) -> str | None:
     """None when the code location is loaded and the daemons are healthy; else why not."""
     try:
-        data = _graphql(base, _READY_QUERY)
-    except (OSError, RuntimeError) as exc:
+        return webserver.not_ready()
+    except (OSError, requests.RequestException, DagsterGraphQLClientError) as exc:
         return f"webserver not answering ({type(exc).__name__})"
-    entries = data["workspaceOrError"].get("locationEntries", [])
-    entry = next((e for e in entries if e["name"] == LOCATION), None)
-    if entry is None or entry["loadStatus"] != "LOADED":
-        return "code location loading"
-    loaded = entry["locationOrLoadError"]
-    if loaded["__typename"] != "RepositoryLocation":
-        raise RuntimeError(f"code location failed to load: {loaded.get('message')}")
-    unhealthy = [
-        s["daemonType"]
-        for s in data["instance"]["daemonHealth"]["allDaemonStatuses"]
-        if s["required"] and not s["healthy"]
-    ]
-    return f"daemons starting: {', '.join(unhealthy)}" if unhealthy else None
 
 
-def _terminate_runs(base: str, instance: dg.DagsterInstance, timeout_s: float, echo: Echo) -> None:
+def _terminate_runs(
+    webserver: Webserver, instance: dg.DagsterInstance, timeout_s: float, echo: Echo
+) -> None:
     """Terminate every queued and in-flight run, and wait until none is left (bounded)."""
     started = time.monotonic()
     deadline = started + timeout_s
@@ -250,12 +218,8 @@ def _terminate_runs(base: str, instance: dg.DagsterInstance, timeout_s: float, e
         ]
         if new:
             echo(f"Terminating {len(new)} run(s): {', '.join(new)}")
-            _graphql(
-                base,
-                """mutation($ids: [String!]!) { terminateRuns(runIds: $ids) {
-                     __typename } }""",
-                {"ids": new},
-            )
+            with suppress(DagsterGraphQLClientError):  # a run that ended meanwhile
+                webserver.client.terminate_runs(new)
             asked.update(new)
         if time.monotonic() >= deadline:
             echo(
@@ -279,11 +243,10 @@ def run_dev(options: DevOptions, echo: Echo) -> int:
     project = project_dir(options.project_dir)
     bin_dir = Path(sys.executable).parent
     port = options.port or _free_port(options.host)
-    base = f"http://{options.host}:{port}"
     temp = Path(tempfile.mkdtemp(prefix="session-cleanup-dev-"))
     code = 0
     try:
-        code = _run(options, project, bin_dir, base, port, temp, echo)
+        code = _run(options, project, bin_dir, port, temp, echo)
     except Shutdown as exc:
         # A signal before the stack was up: the context managers stopped what had started.
         echo(f"{exc}: stopped during start-up.")
@@ -295,14 +258,15 @@ def run_dev(options: DevOptions, echo: Echo) -> int:
 
 
 def _run(
-    options: DevOptions, project: Path, bin_dir: Path, base: str, port: int, temp: Path, echo: Echo
+    options: DevOptions, project: Path, bin_dir: Path, port: int, temp: Path, echo: Echo
 ) -> int:
     code = 0
+    webserver = Webserver(options.host, port)
     with ExitStack() as stack:
         app_url, storage_url = stack.enter_context(_databases(options.users, echo))
         home = temp / "dagster_home"
         home.mkdir()
-        shutil.copy(project / "dagster.yaml", home / "dagster.yaml")
+        shutil.copy(project / INSTANCE, home / "dagster.yaml")
         env = {
             **os.environ,
             "DAGSTER_HOME": str(home),
@@ -331,15 +295,15 @@ def _run(
             children.start(
                 "daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], project
             )
-            code = _serve(base, children, echo)
+            code = _serve(webserver, children, echo)
         except Shutdown as exc:
             echo(f"{exc}: shutting down.")
         finally:
             _ignore_signals()
             if "webserver" in children.procs and children.procs["webserver"].poll() is None:
                 try:
-                    _terminate_runs(base, instance, options.cancel_timeout_s, echo)
-                except (OSError, RuntimeError) as exc:
+                    _terminate_runs(webserver, instance, options.cancel_timeout_s, echo)
+                except (OSError, requests.RequestException, DagsterGraphQLClientError) as exc:
                     echo(f"Could not terminate runs through the webserver: {exc}")
             # The runs are CANCELED by now, so both can go at once; the daemon first, so it
             # launches nothing more.
@@ -347,7 +311,7 @@ def _run(
     return code
 
 
-def _serve(base: str, children: _Children, echo: Echo) -> int:
+def _serve(webserver: Webserver, children: _Children, echo: Echo) -> int:
     deadline = time.monotonic() + READY_TIMEOUT_S
     reason: str | None = "starting"
     while reason is not None:
@@ -358,8 +322,8 @@ def _serve(base: str, children: _Children, echo: Echo) -> int:
             echo(f"not ready after {READY_TIMEOUT_S:.0f} s: {reason}")
             return 1
         time.sleep(0.5)
-        reason = _ready(base)
-    echo(f"Dagster UI: {base}  (ready; Ctrl-C or SIGTERM stops everything)")
+        reason = _ready(webserver)
+    echo(f"Dagster UI: {webserver.url}  (ready; Ctrl-C or SIGTERM stops everything)")
     while (exited := children.exited()) is None:
         time.sleep(1.0)
     echo(f"{exited}; stopping the rest.")

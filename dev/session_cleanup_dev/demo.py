@@ -10,9 +10,9 @@ import dagster as dg
 
 from session_cleanup_dagster.backlog import backlog
 from session_cleanup_dagster.definitions import defs
-from session_cleanup_dagster.embedded import embedded_postgres
 from session_cleanup_dagster.resources import AppDatabase, make_engine
-from session_cleanup_dagster.seed import seed_database, table_counts
+from session_cleanup_dev.embedded import embedded_postgres
+from session_cleanup_dev.seed import seed_database, table_counts
 
 STEP_TABLES = {
     "expire_sessions": "after_hours_sessions",
