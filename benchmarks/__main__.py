@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = goals
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or "_".join(s for s, _ in scales)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(results, separators=(",", ":"), default=str) + "\n"
+    )
     text = report.markdown(results, summary, goals)
     (args.out / f"{stem}.md").write_text(text)
     if not args.no_plots:
