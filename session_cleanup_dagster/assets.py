@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from session_cleanup_dagster import backlog, steps
 from session_cleanup_dagster import tables as t
+from session_cleanup_dagster.contract import GRACE, RETENTION, describe
 
 GROUP = "app_database"
 OWNERS_ENV = "SESSION_CLEANUP_ASSET_OWNERS"
@@ -46,11 +47,12 @@ DESCRIPTIONS = {
     ),
     t.DECLINES: (
         "Declines between users. Cleanup: purge_declines deletes those created before the "
-        "cutoff minus the retention (7 days)."
+        f"cutoff minus the retention ({describe(RETENTION)} unless configured)."
     ),
     t.FINGERPRINTS: (
         "Device fingerprints. Cleanup: remove_orphan_fingerprints deletes those whose session "
-        "no longer exists, older than the cutoff minus the grace period (1 hour)."
+        f"no longer exists, older than the cutoff minus the grace period ({describe(GRACE)} "
+        "unless configured)."
     ),
 }
 

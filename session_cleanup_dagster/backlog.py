@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from session_cleanup_dagster import tables as t
+from session_cleanup_dagster.contract import GRACE, RETENTION
 
 EXACT_MAX_PAGES = 131_072  # 1 GiB of 8 KiB pages
 SAMPLE_PAGES = 4096  # 32 MiB
@@ -76,8 +77,8 @@ def probe(
     step: str,
     cutoff: datetime,
     *,
-    retention: timedelta = timedelta(days=7),
-    grace: timedelta = timedelta(hours=1),
+    retention: timedelta = RETENTION,
+    grace: timedelta = GRACE,
     schema: str = "public",
     samples: int = 0,
     cap: int = COUNT_CAP,
@@ -137,8 +138,8 @@ def backlog(
     engine: sa.Engine,
     cutoff: datetime,
     *,
-    retention: timedelta = timedelta(days=7),
-    grace: timedelta = timedelta(hours=1),
+    retention: timedelta = RETENTION,
+    grace: timedelta = GRACE,
     schema: str = "public",
 ) -> dict[str, int]:
     """Rows each step would still change at ``cutoff``, keyed by step name: exact, uncapped.

@@ -23,6 +23,7 @@ from session_cleanup_dagster import backlog, errors, steps
 from session_cleanup_dagster import tables as t
 from session_cleanup_dagster.alerts import post_alert
 from session_cleanup_dagster.assets import asset_key
+from session_cleanup_dagster.contract import GRACE, GRACE_MINUTES, RETENTION, RETENTION_DAYS
 from session_cleanup_dagster.resources import AppDatabase
 
 CHECKS_JOB = "session_cleanup_checks_job"
@@ -71,14 +72,16 @@ class OpenSessionsCheckConfig(SloCheckConfig):  # type: ignore[misc]
 class OldDeclinesCheckConfig(SloCheckConfig):  # type: ignore[misc]
     """``no_declines_past_retention``."""
 
-    retention_days: int = Field(default=7, description="The cleanup's retention (purge_declines).")
+    retention_days: int = Field(
+        default=RETENTION_DAYS, description="The cleanup's retention (purge_declines)."
+    )
     slack_hours: float = Field(default=24.0, description="Allowed lateness past the retention.")
 
 
 class OrphanFingerprintsCheckConfig(SloCheckConfig):  # type: ignore[misc]
     """``no_old_orphan_fingerprints``."""
 
-    grace_minutes: int = Field(default=60, description="The cleanup's grace period.")
+    grace_minutes: int = Field(default=GRACE_MINUTES, description="The cleanup's grace period.")
     slack_hours: float = Field(default=24.0, description="Allowed lateness past the grace.")
 
 
@@ -90,8 +93,8 @@ def evaluate(
     *,
     slack: timedelta,
     what: str,
-    retention: timedelta = timedelta(days=7),
-    grace: timedelta = timedelta(hours=1),
+    retention: timedelta = RETENTION,
+    grace: timedelta = GRACE,
 ) -> dg.AssetCheckResult:
     """Count the rows ``step`` should have handled more than ``slack`` ago; pass if few enough.
 
@@ -206,7 +209,7 @@ def no_overdue_open_sessions(
 def no_declines_past_retention(
     context: dg.AssetCheckExecutionContext, config: OldDeclinesCheckConfig, app_db: AppDatabase
 ) -> dg.AssetCheckResult:
-    """No decline older than the retention (7 days) plus slack_hours (24)."""
+    """No decline older than the retention plus slack_hours (default 24)."""
     return evaluate(
         context,
         app_db,
@@ -224,7 +227,7 @@ def no_old_orphan_fingerprints(
     config: OrphanFingerprintsCheckConfig,
     app_db: AppDatabase,
 ) -> dg.AssetCheckResult:
-    """No orphan fingerprint older than the grace (1 hour) plus slack_hours (24)."""
+    """No orphan fingerprint older than the grace plus slack_hours (default 24)."""
     return evaluate(
         context,
         app_db,

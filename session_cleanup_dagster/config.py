@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 from pydantic import Field
 
+from session_cleanup_dagster.contract import GRACE_MINUTES, RETENTION_DAYS
 from session_cleanup_dagster.steps import StepOptions
 
 MAX_BATCH_SIZE = 50_000
@@ -119,7 +120,9 @@ class ExpireSessionsConfig(CleanupConfig):  # type: ignore[misc]
 class PurgeDeclinesConfig(CleanupConfig):  # type: ignore[misc]
     """``purge_declines``: delete declines created before T minus the retention."""
 
-    retention_days: int = Field(default=7, description="Keep declines this many days (1 to 3650).")
+    retention_days: int = Field(
+        default=RETENTION_DAYS, description="Keep declines this many days (1 to 3650)."
+    )
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -136,7 +139,7 @@ class RemoveOrphanFingerprintsConfig(CleanupConfig):  # type: ignore[misc]
     """``remove_orphan_fingerprints``: delete fingerprints whose session no longer exists."""
 
     grace_minutes: int = Field(
-        default=60,
+        default=GRACE_MINUTES,
         description=(
             "Spare orphans younger than this (1 to 10080), so a fingerprint whose session "
             "insert has not committed yet survives."

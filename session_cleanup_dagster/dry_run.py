@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from session_cleanup_dagster.contract import GRACE_MINUTES, RETENTION_DAYS
 from session_cleanup_dagster.jobs import RUN_TAGS
 from session_cleanup_dagster.ops import expire_sessions, purge_declines, remove_orphan_fingerprints
 
@@ -24,9 +25,12 @@ class DryRunConfig(dg.Config):  # type: ignore[misc]
         description="Cutoff instant T (ISO 8601 with Z or an offset). Empty: the database's now().",
     )
     batch_size: int = Field(default=1000, description="Rows per batch (1 to 50000).")
-    retention_days: int = Field(default=7, description="purge_declines: keep this many days.")
+    retention_days: int = Field(
+        default=RETENTION_DAYS, description="purge_declines: keep this many days."
+    )
     grace_minutes: int = Field(
-        default=60, description="remove_orphan_fingerprints: spare orphans younger than this."
+        default=GRACE_MINUTES,
+        description="remove_orphan_fingerprints: spare orphans younger than this.",
     )
 
 

@@ -30,7 +30,7 @@ def expire_sessions(
 def purge_declines(
     context: dg.OpExecutionContext, config: PurgeDeclinesConfig, app_db: AppDatabase
 ) -> dg.Output[None]:
-    """Delete declines created before T minus the retention (default 7 days)."""
+    """Delete declines created before T minus the retention (contract.RETENTION by default)."""
     return run_step(context, config, app_db, steps.purge_declines, retention=config.retention)
 
 

@@ -44,6 +44,7 @@ import sqlalchemy.exc
 from sqlalchemy.dialects import postgresql as pg
 
 from session_cleanup_dagster import tables as t
+from session_cleanup_dagster.contract import GRACE, RETENTION
 
 # A window never covers more heap than this (64 MiB of 8 KiB pages), so a batch that finds
 # few matching rows still reads a bounded amount of data in its transaction.
@@ -1115,7 +1116,7 @@ def purge_declines(
     cutoff: datetime,
     options: StepOptions = StepOptions(),
     *,
-    retention: timedelta = timedelta(days=7),
+    retention: timedelta = RETENTION,
     schema: str = "public",
     before_batch: BeforeBatch | None = None,
 ) -> StepResult:
@@ -1130,7 +1131,7 @@ def remove_orphan_fingerprints(
     cutoff: datetime,
     options: StepOptions = StepOptions(),
     *,
-    grace: timedelta = timedelta(hours=1),
+    grace: timedelta = GRACE,
     schema: str = "public",
     before_batch: BeforeBatch | None = None,
 ) -> StepResult:

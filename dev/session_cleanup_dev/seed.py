@@ -35,6 +35,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from session_cleanup_dagster.contract import GRACE, RETENTION
 from session_cleanup_dagster.schema import (
     TABLES,
     create_constraints_and_indexes,
@@ -64,11 +65,9 @@ MIN_USERS = 6
 BOUNDARY_EVERY = 400
 """One user in this many gets boundary rows (and one gets just-past-boundary rows)."""
 
-DECLINE_RETENTION = timedelta(days=7)
-"""The default decline retention the data is shaped around (DESIGN.md)."""
-
-FINGERPRINT_GRACE = timedelta(hours=1)
-"""The default orphan-fingerprint grace period the data is shaped around (DESIGN.md)."""
+# The data is shaped around the contract's defaults.
+DECLINE_RETENTION = RETENTION
+FINGERPRINT_GRACE = GRACE
 
 _TINY = timedelta(microseconds=1)
 
