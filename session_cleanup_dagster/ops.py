@@ -1,6 +1,6 @@
-"""The three ops. Each is config in, one SQL function, metadata out; see running.py.
+"""The three ops. Each is config in, one SQL function, metadata out; see op_runner.py.
 
-They have no RetryPolicy on purpose: running.py retries transient database errors itself
+They have no RetryPolicy on purpose: op_runner.py retries transient database errors itself
 (RetryRequested), because Dagster turns an interrupt into a retry under a RetryPolicy.
 """
 
@@ -12,8 +12,8 @@ from session_cleanup_dagster.config import (
     PurgeDeclinesConfig,
     RemoveOrphanFingerprintsConfig,
 )
+from session_cleanup_dagster.op_runner import run_step
 from session_cleanup_dagster.resources import AppDatabase
-from session_cleanup_dagster.running import run_step
 
 _TAGS = {"kind": "postgres"}
 

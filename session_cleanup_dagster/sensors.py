@@ -6,7 +6,7 @@
   the whole stack the run stays STARTED forever). Each run holds a connection named
   ``session-cleanup run <run id>`` to the app database for its whole life (locking.py), so
   "no such connection" means "no worker", unless the run has logged an event lately: a
-  worker that cannot reach the database waits between retries (running.py) and logs each
+  worker that cannot reach the database waits between retries (op_runner.py) and logs each
   one. The run is then marked failed and run_retries re-runs it.
 - ``session_cleanup_failure_alert`` posts every failed run to a webhook.
 - ``session_cleanup_staleness_alert`` posts when no cleanup run has succeeded for 26 hours.
@@ -121,7 +121,7 @@ def build_sensors(job: dg.JobDefinition) -> list[dg.SensorDefinition]:
             started = record.start_time or record.create_timestamp.timestamp()
             if run.run_id in alive:
                 continue
-            # A worker waiting to retry (running.py) has no connection but logs every retry.
+            # A worker waiting to retry (op_runner.py) has no connection but logs every retry.
             quiet = now - _last_event_time(context, run.run_id, started)
             if quiet < grace:
                 continue

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from session_cleanup_dev.seed import seed_database
 
-from session_cleanup_dagster import assets, backlog, running, steps
+from session_cleanup_dagster import assets, backlog, op_runner, steps
 from session_cleanup_dagster import tables as t
 from session_cleanup_dagster.definitions import defs
 from session_cleanup_dagster.resources import AppDatabase
@@ -201,7 +201,7 @@ def test_long_steps_log_rows_rate_eta_and_which_estimate(
         seed_database(eng, 200, anchor=T)  # 150 due sessions, 600 due declines over many pages
     finally:
         eng.dispose()
-    monkeypatch.setattr(running, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(op_runner, "PROGRESS_EVERY_S", 0.0)
     with dg.instance_for_test() as instance:
         result = run_job(
             app_url,
@@ -235,17 +235,17 @@ def test_describe_progress_gives_fraction_and_time_left() -> None:
     progress.started -= 10.0  # ten seconds in
     progress.done_units, progress.total_units, progress.unit = 500, 2000, "rows"
     progress.basis = "counted from the partial index on open sessions"
-    line = running.describe_progress(progress)
+    line = op_runner.describe_progress(progress)
     assert line.startswith("expire_sessions: 500 rows in 5 batches, 50 rows/s, 25% of 2000 rows")
     assert "counted from the partial index on open sessions" in line
     assert "about 30 s left" in line
     progress.done_units = 0
-    assert "left" not in running.describe_progress(progress)
+    assert "left" not in op_runner.describe_progress(progress)
     # A second pass counts its own units: the time left follows its own rate.
     progress.units_started = progress.started + 8.0  # the second pass began 2 s ago
     progress.done_units, progress.total_units, progress.unit = 100, 300, "orphaned session ids"
-    assert "33% of 300 orphaned session ids" in running.describe_progress(progress)
-    assert "about 4 s left" in running.describe_progress(progress)
+    assert "33% of 300 orphaned session ids" in op_runner.describe_progress(progress)
+    assert "about 4 s left" in op_runner.describe_progress(progress)
 
 
 def test_step_tables_name_the_real_tables() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,9 +192,19 @@ def test_the_code_server_starts_without_the_app_database() -> None:
 
 def test_the_production_wheel_carries_no_dev_tools(tmp_path: Path) -> None:
     # What the Docker image installs (pip install ".[k8s]"): the job's package alone.
+    # Built from a copy of what the Dockerfile copies, so no build/ is left in the checkout.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "constraints.txt"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(
+        REPO / "session_cleanup_dagster",
+        source / "session_cleanup_dagster",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     pip_wheel = [str(BIN / "python"), "-m", "pip", "wheel", "--no-deps", "--quiet"]
     subprocess.run(
-        [*pip_wheel, "-w", str(tmp_path), str(REPO)],
+        [*pip_wheel, "-w", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
         timeout=300,

@@ -1,7 +1,7 @@
 """The job under a real daemon and webserver, with Postgres run storage, driven through GraphQL.
 
 Touches: the repo's dagster.yaml (run queue limit, run monitoring, run retries), the advisory
-lock (locking.py), the sensors (sensors.py), cooperative cancellation (running.py) and the
+lock (locking.py), the sensors (sensors.py), cooperative cancellation (op_runner.py) and the
 whole job on a seeded app database. One stack serves the whole module (starting one takes
 about 15 s); each test reseeds the app database. Timings are printed (run pytest with -s).
 """
