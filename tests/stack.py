@@ -5,14 +5,13 @@ The one harness behind the operations, deployment, dev and browser tests.
 They run with the production instance, deploy/dagster.yaml (copied into a temporary
 DAGSTER_HOME), and workspace.yaml, against Postgres run storage in a scratch database, and are
 driven through ``DagsterGraphQLClient`` (session_cleanup_dev.webserver, the dev stack's path
-too), as an operator's tools drive them. Each process runs in its own process group, so
-stopping (or SIGKILLing) a group also takes its code server and any run worker with it;
-``stop`` checks nothing of the group is left.
+too), as an operator's tools drive them. The processes are session_cleanup_dev.stack's
+process groups, as in ``session-cleanup dev``: stopping (or SIGKILLing) a group also takes
+its code server and any run worker with it, and ``stop`` checks nothing of the group is left.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import dagster as dg
 import requests
 from dagster_graphql import DagsterGraphQLClientError
+from session_cleanup_dev.stack import ProcessGroups, dagster_commands
 from session_cleanup_dev.webserver import LOCATION, Webserver
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,31 +59,13 @@ def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({last_error})")
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def stop_group(
     proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
 ) -> None:
     """Signal a process group, wait for its leader, then make sure the whole group is gone."""
-    pgid = proc.pid
-    if proc.poll() is None and group_alive(pgid):
-        os.killpg(pgid, sig)
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout)
-    deadline = time.monotonic() + 10
-    while group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if group_alive(pgid):
-        os.killpg(pgid, signal.SIGKILL)
-    if proc.poll() is None:
-        proc.wait(10)
-    wait_for(f"process group {pgid} to be gone", lambda: not group_alive(pgid), 10)
+    groups = ProcessGroups({}, REPO)
+    groups.procs["process"] = proc
+    groups.stop(["process"], lambda _: None, sig, timeout_s=timeout)
 
 
 @dataclass
@@ -93,52 +75,27 @@ class Stack:
     home: Path
     env: dict[str, str]
     port: int = 0
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    groups: ProcessGroups = field(default_factory=lambda: ProcessGroups({}, REPO))
+    _webserver: Webserver | None = None
 
     def start(self) -> None:
         self.port = free_port()
-        commands = {
-            "daemon": [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-            "webserver": [
-                str(BIN / "dagster-webserver"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-w",
-                str(REPO / "workspace.yaml"),
-            ],
-        }
+        self.groups = ProcessGroups(self.env, REPO)
+        commands = dagster_commands(BIN, REPO / "workspace.yaml", "127.0.0.1", self.port)
         for name, command in commands.items():
-            log = (self.home / f"{name}.log").open("ab")
-            self.processes[name] = subprocess.Popen(
-                command,
-                cwd=REPO,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            log.close()
+            with (self.home / f"{name}.log").open("ab") as log:
+                self.groups.start(name, command, log)
         wait_for("the webserver and daemons to be ready", self.ready, 180, interval=0.5)
 
     def ready(self) -> bool:
         return self.webserver.not_ready() is None
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        for name in ("daemon", "webserver"):
-            proc = self.processes.pop(name, None)
-            if proc is not None:
-                stop_group(proc, sig)
+        self.groups.stop(["daemon", "webserver"], lambda _: None, sig, timeout_s=30)
 
     def kill(self) -> None:
         """SIGKILL both process groups at once: a crash of the whole stack."""
-        for proc in self.processes.values():
-            if group_alive(proc.pid):
-                os.killpg(proc.pid, signal.SIGKILL)
-        for proc in self.processes.values():
-            proc.wait(10)
-        self.processes.clear()
+        self.groups.kill()
 
     def log_text(self) -> str:
         return "\n".join(
@@ -149,9 +106,12 @@ class Stack:
 
     # --- GraphQL ---------------------------------------------------------------------------
 
-    @functools.cached_property
+    @property
     def webserver(self) -> Webserver:
-        return Webserver("127.0.0.1", self.port)
+        """The client for the current port (a restarted stack listens on a new one)."""
+        if self._webserver is None or self._webserver.port != self.port:
+            self._webserver = Webserver("127.0.0.1", self.port)
+        return self._webserver
 
     def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.webserver.query(query, variables)

@@ -1,11 +1,14 @@
 """``session-cleanup dev``: webserver, daemon and code location from one command.
 
-Why not ``dagster dev``: a signal to ``dagster dev`` alone leaves its code server and run
-worker going (the run finished SUCCESS after the operator shut down), a signal to its whole
-process group fails the run (and run_retries re-runs it on the next start), and started in
-the background from a script it ignored SIGTERM. Here ``dagster-webserver`` and
-``dagster-daemon`` are two children, each in a process group of its own, so a Ctrl-C in the
-terminal reaches only this process, which then shuts down in order:
+``dagster dev`` works from the checkout too (on the root dagster.yaml, SQLite storage); this
+command runs the production instance and shuts down in order. A signal to ``dagster dev``
+alone leaves its code server and run worker going (the run finished SUCCESS after the
+operator shut down), a signal to its whole process group fails the run (and run_retries
+re-runs it on the next start), and started in the background from a script it ignored
+SIGTERM. Here ``dagster-webserver`` and
+``dagster-daemon`` are two children, each in a process group of its own (stack.py, which the
+tests' stack uses too), so a Ctrl-C in the terminal reaches only this process, which then
+shuts down in order:
 
 1. ask Dagster (GraphQL ``terminateRuns``) to terminate every queued and in-flight run, and
    wait, within a bound, until each is CANCELED;
@@ -24,11 +27,10 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ from dagster_graphql import DagsterGraphQLClientError
 from session_cleanup_dagster.resources import make_engine
 from session_cleanup_dev.embedded import embedded_postgres
 from session_cleanup_dev.seed import seed_database
+from session_cleanup_dev.stack import Echo, ProcessGroups, dagster_commands
 from session_cleanup_dev.webserver import Webserver
 
 # The production instance (Postgres storage): what this stack runs, on the embedded server.
@@ -51,10 +54,7 @@ IN_FLIGHT = [
     dg.DagsterRunStatus.STARTED,
     dg.DagsterRunStatus.CANCELING,
 ]
-STOP_TIMEOUT_S = 20.0
 READY_TIMEOUT_S = 180.0
-
-Echo = Callable[[str], None]
 
 
 class Shutdown(Exception):
@@ -136,60 +136,6 @@ def _databases(users: int, echo: Echo) -> Iterator[tuple[str, str]]:
             )
         yield app_url, storage_url
     echo("Embedded PostgreSQL stopped and removed.")
-
-
-class _Children:
-    """The webserver and daemon, each leading a process group of its own."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, command: list[str], cwd: Path) -> None:
-        # The children's output goes to the terminal as with `dagster dev`.
-        self.procs[name] = subprocess.Popen(  # noqa: S603 - our own fixed command lines
-            command, cwd=cwd, env=self.env, start_new_session=True
-        )
-
-    def exited(self) -> str | None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                return f"{name} exited with code {proc.returncode}"
-        return None
-
-    def stop(self, names: list[str], echo: Echo) -> None:
-        """SIGTERM each named group (in this order), wait, SIGKILL what is left after 20 s."""
-        procs = {name: self.procs.pop(name) for name in names if name in self.procs}
-        for proc in procs.values():
-            _signal_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for name, proc in procs.items():
-            while time.monotonic() < deadline and (_group_alive(proc.pid) or proc.poll() is None):
-                with suppress(subprocess.TimeoutExpired):
-                    proc.wait(0.2)
-            if _group_alive(proc.pid):
-                echo(f"{name}: still running after {STOP_TIMEOUT_S:.0f} s; killing its group.")
-                _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-            end = time.monotonic() + 10
-            while _group_alive(proc.pid) and time.monotonic() < end:
-                time.sleep(0.1)
-            echo(f"{name} stopped.")
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
 
 
 def _ready(webserver: Webserver) -> str | None:
@@ -276,25 +222,12 @@ def _run(
         # Our own instance (to list runs at shutdown) reads the same settings.
         os.environ.update({"DAGSTER_HOME": str(home), "DAGSTER_PG_URL": storage_url})
         instance = stack.enter_context(dg.DagsterInstance.from_config(str(home)))
-        children = _Children(env)
-        workspace = str(project / "workspace.yaml")
+        # The children's output goes to the terminal, as with `dagster dev`.
+        children = ProcessGroups(env, project)
+        commands = dagster_commands(bin_dir, project / "workspace.yaml", options.host, port)
         try:
-            children.start(
-                "webserver",
-                [
-                    str(bin_dir / "dagster-webserver"),
-                    "-h",
-                    options.host,
-                    "-p",
-                    str(port),
-                    "-w",
-                    workspace,
-                ],
-                project,
-            )
-            children.start(
-                "daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], project
-            )
+            for name, command in commands.items():
+                children.start(name, command)
             code = _serve(webserver, children, echo)
         except Shutdown as exc:
             echo(f"{exc}: shutting down.")
@@ -311,7 +244,7 @@ def _run(
     return code
 
 
-def _serve(webserver: Webserver, children: _Children, echo: Echo) -> int:
+def _serve(webserver: Webserver, children: ProcessGroups, echo: Echo) -> int:
     deadline = time.monotonic() + READY_TIMEOUT_S
     reason: str | None = "starting"
     while reason is not None:

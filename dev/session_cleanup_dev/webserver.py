@@ -30,6 +30,7 @@ class Webserver:
     """A dagster-webserver at ``http://host:port``."""
 
     def __init__(self, host: str, port: int, *, timeout_s: int = 30) -> None:
+        self.port = port
         self.url = f"http://{host}:{port}"
         self.client = DagsterGraphQLClient(host, port_number=port, timeout=timeout_s)
         self._gql = gql.Client(
