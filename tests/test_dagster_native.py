@@ -67,18 +67,32 @@ def test_dg_list_defs_lists_the_job_schedule_sensors_and_tables() -> None:
     done = _dg("list", "defs", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     listed = json.loads(done.stdout)
-    text = json.dumps(listed)
-    for name in (
-        JOB,
-        "session_cleanup_dry_run",
-        "session_cleanup_schedule",
-        "session_cleanup_stuck_run_sensor",
-        "session_cleanup_staleness_alert",
-        "app_database/after_hours_sessions",
-        "app_database/after_hours_declines",
-        "app_database/device_fingerprints",
-    ):
-        assert name in text, f"{name} missing from dg list defs: {text[:2000]}"
+    names = {
+        kind: sorted(d.get("name") or d.get("asset_key") for d in defs)
+        for kind, defs in listed.items()
+    }
+    assert names == {
+        "assets": [
+            "app_database/after_hours_declines",
+            "app_database/after_hours_sessions",
+            "app_database/device_fingerprints",
+        ],
+        "asset_checks": [
+            "no_declines_past_retention",
+            "no_old_orphan_fingerprints",
+            "no_overdue_open_sessions",
+        ],
+        "jobs": ["session_cleanup_checks_job", "session_cleanup_dry_run_job", JOB],
+        "resources": ["app_db"],
+        "schedules": ["session_cleanup_schedule"],
+        "sensors": [
+            "session_cleanup_checks_after_failure",
+            "session_cleanup_checks_after_success",
+            "session_cleanup_failure_alert",
+            "session_cleanup_staleness_alert",
+            "session_cleanup_stuck_run_sensor",
+        ],
+    }
 
 
 def test_dg_launch_runs_the_job_with_config_exactly_as_the_contract_says(app_url: str) -> None:
