@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from session_cleanup_dev.seed import seed_database
 
 from session_cleanup_dagster import steps
-from session_cleanup_dagster.steps import StepOptions
+from session_cleanup_dagster.steps import StepOptions, loop, orphans
 from tests import data, model, pg
 from tests.data import T
 
@@ -245,7 +245,7 @@ def test_orphan_walk_stopped_in_either_pass_leaves_whole_batches_and_no_temporar
     assert pg.snapshot(app_url) == full
 
 
-def _run_chooser(chooser: steps._Chooser, rates: dict[str, float], batches: int) -> list[str]:
+def _run_chooser(chooser: loop._Chooser, rates: dict[str, float], batches: int) -> list[str]:
     """Plans the chooser picks for ``batches`` batches that run at ``rates`` units/s."""
     ran = []
     for _ in range(batches):
@@ -259,7 +259,7 @@ def _run_chooser(chooser: steps._Chooser, rates: dict[str, float], batches: int)
 
 
 def test_chooser_runs_the_faster_plan_and_retries_the_other_ever_less_often() -> None:
-    chooser = steps._Chooser(("probe", "merge"), 1000, 50_000, 0.1)
+    chooser = loop._Chooser(("probe", "merge"), 1000, 50_000, 0.1)
     ran = _run_chooser(chooser, {"probe": 100_000.0, "merge": 200_000.0}, 40)
     # Each plan once, at the same size; then the faster, with the slower after 2, 4, 8,
     # 16 and 16 batches of it.
@@ -291,8 +291,8 @@ def test_orphan_walk_finds_the_same_ids_with_either_plan_of_pass_one(app_url: st
     engine = pg.engine(app_url)
     try:
         for plan, join in [("probe", "Nested Loop Anti Join"), ("merge", "Merge Anti Join")]:
-            walk = steps._orphan_walk(engine, T, StepOptions(), timedelta(hours=1), "public")
-            walk.find = steps._Chooser((plan, plan), 3, 3, None)  # this plan, 3 keys a batch
+            walk = orphans._orphan_walk(engine, T, StepOptions(), timedelta(hours=1), "public")
+            walk.find = loop._Chooser((plan, plan), 3, 3, None)  # this plan, 3 keys a batch
             with engine.connect() as conn:
                 walk.start(conn)
             try:
@@ -308,7 +308,7 @@ def test_orphan_walk_finds_the_same_ids_with_either_plan_of_pass_one(app_url: st
                     and sum(walk.find.runs.values()) == (walk.find.runs[plan])
                 )
                 with own.begin():
-                    steps._begin_batch(own, walk.FIND_PLANS[plan])
+                    loop._begin_batch(own, walk.FIND_PLANS[plan])
                     statement = walk._find(10, plan).compile(
                         dialect=engine.dialect, compile_kwargs={"literal_binds": True}
                     )

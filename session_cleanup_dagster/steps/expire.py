@@ -1,0 +1,178 @@
+"""expire_sessions: keyset walk over the partial index on open sessions, or the heap walk."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.exc
+
+from session_cleanup_dagster import tables as t
+from session_cleanup_dagster.steps.heap import (
+    _ctid,
+    _ctid_in,
+    _HeapWalk,
+)
+from session_cleanup_dagster.steps.loop import (
+    FIRST_BATCH,
+    BeforeBatch,
+    CapCheck,
+    Progress,
+    StepOptions,
+    StepResult,
+    _Batch,
+    _Pace,
+    _sample_array,
+    _target_s,
+    _timed,
+    _walk,
+)
+
+# expire_sessions walks the heap instead of the partial index when the due rows number at
+# least one per this many pages of the table (then most pages hold a due row anyway).
+HEAP_WALK_PAGES_PER_ROW = 4
+
+
+class _ExpireWalk:
+    """Keyset on (expires_at, id) over the partial index; one statement per batch.
+
+    Each batch is one round trip: a CTE locks the next rows ``FOR NO KEY UPDATE SKIP LOCKED``
+    and the UPDATE in the same statement changes them by ``ctid`` (a TID scan, no second
+    index lookup; a row we hold locked cannot move). The UPDATE re-checks the condition on
+    the row itself. One statement is enough here because the condition reads only the row's
+    own columns: a row the app changed after our snapshot is either skipped by the lock or
+    re-checked on its newest version, and a version our snapshot cannot see is not updated
+    (it stays for the next run). Nothing but counts and one key comes back to the client.
+    """
+
+    def __init__(self, tables: t.Tables, cutoff: datetime, options: StepOptions) -> None:
+        self.s = tables.sessions
+        self.cutoff = cutoff
+        self.key: tuple[datetime, Any] | None = None
+        self.total: int | None = None
+        self.seen = 0
+        self.pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
+
+    def _due(self) -> list[sa.ColumnElement[bool]]:
+        return [self.s.c.ended_at.is_(None), self.s.c.expires_at < self.cutoff]
+
+    def start(self, conn: sa.Connection) -> None:
+        # Counting the due rows walks the same small partial index the step will walk.
+        self.total = conn.execute(
+            sa.select(sa.func.count()).select_from(self.s).where(*self._due())
+        ).scalar_one()
+
+    def _next(self, limit: int, lock: bool) -> sa.CTE:
+        s = self.s
+        query = sa.select(s.c.id, s.c.expires_at, _ctid()).where(*self._due())
+        if self.key is not None:
+            last_expires, last_id = self.key
+            # Written so the planner can use the index on expires_at for the range start.
+            query = query.where(
+                s.c.expires_at >= last_expires,
+                sa.or_(s.c.expires_at > last_expires, s.c.id > last_id),
+            )
+        query = query.order_by(s.c.expires_at, s.c.id).limit(limit)
+        if lock:
+            # NO KEY UPDATE: ended_at is not a key column, so the app's foreign-key checks
+            # (KEY SHARE, from inserting declines) neither block us nor get blocked by us.
+            query = query.with_for_update(skip_locked=True, key_share=True)
+        return query.cte("picked")
+
+    def run_batch(
+        self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
+    ) -> _Batch:
+        s = self.s
+        limit = min(self.pace.size, cap)
+        picked = self._next(limit, lock=not dry_run)
+        last = sa.select(picked.c.expires_at, picked.c.id).order_by(
+            picked.c.expires_at.desc(), picked.c.id.desc()
+        )
+        columns: list[Any] = [
+            sa.select(sa.func.count()).select_from(picked).scalar_subquery().label("seen"),
+            last.with_only_columns(picked.c.expires_at).limit(1).scalar_subquery().label("e"),
+            last.with_only_columns(picked.c.id).limit(1).scalar_subquery().label("i"),
+        ]
+        if dry_run:
+            source: Any = picked
+        else:
+            source = (
+                sa.update(s)
+                .where(_ctid_in(sa.select(picked.c.ctid)), *self._due())
+                .values(ended_at=s.c.expires_at)
+                .returning(s.c.id)
+                .cte("done")
+            )
+        columns.append(sa.select(sa.func.count()).select_from(source).scalar_subquery())
+        columns.append(_sample_array(source, want_samples))
+        runner, elapsed = _timed(engine)
+        with runner as conn:
+            row = conn.execute(sa.select(*columns)).one()
+            changed = int(row[3])
+            if not dry_run:
+                check(changed)
+        self.pace.observe(int(row.seen), elapsed())
+        if row.seen:
+            self.seen += int(row.seen)
+            self.key = (row.e, row.i)
+        return _Batch(changed, [str(i) for i in row[4] or []], row.seen >= limit)
+
+    def progress(self, progress: Progress) -> None:
+        progress.unit = "rows"
+        progress.basis = "counted from the partial index on open sessions"
+        progress.done_units = self.seen
+        progress.total_units = self.total
+
+    def finish(self) -> None:
+        pass
+
+
+class _ExpireChoice:
+    """Chooses, per run, the index walk or one pass over the heap, as the planner would.
+
+    Many due rows (a backlog) touch most pages of the table: one pass in physical order reads
+    each page once, where the index walk visits the same pages again and again in
+    ``expires_at`` order. A few due rows (a normal night) touch few pages: the partial index
+    finds them without reading the rest of the table.
+    """
+
+    def __init__(self, index: _ExpireWalk, heap: _HeapWalk) -> None:
+        self.index = index
+        self.heap = heap
+        self.chosen: _ExpireWalk | _HeapWalk = index
+
+    def start(self, conn: sa.Connection) -> None:
+        self.index.start(conn)
+        self.heap.start(conn)
+        due = self.index.total or 0
+        if due * HEAP_WALK_PAGES_PER_ROW >= self.heap.end_page:
+            self.chosen = self.heap
+
+    def run_batch(
+        self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
+    ) -> _Batch:
+        return self.chosen.run_batch(engine, cap, dry_run, want_samples, check)
+
+    def progress(self, progress: Progress) -> None:
+        self.chosen.progress(progress)
+
+    def finish(self) -> None:
+        pass
+
+
+def expire_sessions(
+    engine: sa.Engine,
+    cutoff: datetime,
+    options: StepOptions = StepOptions(),
+    *,
+    schema: str = "public",
+    before_batch: BeforeBatch | None = None,
+) -> StepResult:
+    """Set ``ended_at = expires_at`` on every open session with ``expires_at < cutoff``."""
+    tables = t.reflect(schema)
+    s = tables.sessions
+    due = [s.c.ended_at.is_(None), s.c.expires_at < cutoff]
+    heap = _HeapWalk(s, due, options, values={"ended_at": s.c.expires_at})
+    walk = _ExpireChoice(_ExpireWalk(tables, cutoff, options), heap)
+    return _walk(engine, "expire_sessions", walk, cutoff, options, before_batch)
