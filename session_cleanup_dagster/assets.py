@@ -33,6 +33,11 @@ DEFAULT_OWNERS = ("team:platform",)
 # job, count exactly up to their own exact_max_pages (1 GiB by default).
 REPORT_EXACT_MAX_PAGES = 256
 REPORT_SAMPLE_PAGES = 256
+# The orphans' sample probes the sessions' primary key for each of its rows (some 135 pages
+# touched per fingerprint page): 256 pages cost 34,600 pages at S on a steady night, more than
+# the single statement's whole orphan delete (29,100; benchmarks/steady_night.py). 16 pages
+# cost about 2,200, whatever the table's size.
+REPORT_PROBING_SAMPLE_PAGES = 16
 
 STEP_TABLES = {
     "expire_sessions": t.SESSIONS,
@@ -163,6 +168,7 @@ def report_step(
                 exact_max_pages=REPORT_EXACT_MAX_PAGES,
                 sample_pages=REPORT_SAMPLE_PAGES,
                 sample_indexed=True,
+                probing_sample_pages=REPORT_PROBING_SAMPLE_PAGES,
                 **step_kwargs,
             )
     context.log.info("%s: backlog %d rows (%s)", result.step, left.rows, left.method)

@@ -11,7 +11,9 @@ whose cost does not grow without bound with the table:
   pages (1 GiB by default, the same pass the step itself has just made) the count is exact;
   past that it reads a ``TABLESAMPLE SYSTEM`` sample of ``sample_pages`` whole pages
   (32 MiB) and scales the hits up, and the result says it is an estimate. A different random
-  sample each time, so a leftover that one sample misses is seen by a later one.
+  sample each time, so a leftover that one sample misses is seen by a later one. The
+  orphans' condition probes the sessions' primary key for every sampled row, so a sample of
+  fingerprints costs some 135 pages a page: ``probing_sample_pages`` sizes it apart.
 """
 
 from __future__ import annotations
@@ -85,15 +87,23 @@ def probe(
     exact_max_pages: int = EXACT_MAX_PAGES,
     sample_pages: int = SAMPLE_PAGES,
     sample_indexed: bool = False,
+    probing_sample_pages: int | None = None,
 ) -> Count:
     """Count the rows ``step`` would change at ``cutoff``, with up to ``samples`` of their ids.
 
     ``sample_indexed``: sample the sessions too once their table passes ``exact_max_pages``.
     Right after expire_sessions ended many sessions, the partial index still holds their
     entries until vacuum, and counting through them reads a heap row each (1.0 s at L).
+
+    ``probing_sample_pages``: the sample's size where the condition probes another table for
+    each sampled row (the orphans: a descent of the sessions' primary key per fingerprint,
+    about 3 pages each, so a page of 45 fingerprints costs some 135 pages). Default:
+    ``sample_pages``.
     """
     table, where, sampled_where = _target(step, cutoff, retention, grace, schema)
     indexed = sampled_where is None
+    if step == "remove_orphan_fingerprints" and probing_sample_pages is not None:
+        sample_pages = probing_sample_pages
     if indexed and sample_indexed:
         sampled_where = where
     pages = 0 if sampled_where is None else t.relation_pages(conn, table)

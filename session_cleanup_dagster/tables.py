@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
@@ -84,3 +85,50 @@ def planner_estimate(conn: sa.Connection, table: sa.Table) -> tuple[float, int]:
         {"name": qualified_name(conn, table)},
     ).one()
     return float(row.reltuples), int(row.relpages)
+
+
+def relation_oids(conn: sa.Connection, *tables: sa.Table) -> list[int]:
+    """The oids of ``tables`` and of each of their indexes (for ``pages_touched``)."""
+    names = [qualified_name(conn, table) for table in tables]
+    rows = conn.execute(
+        sa.text(
+            "SELECT c.oid FROM pg_catalog.pg_class c"
+            " WHERE c.oid = ANY(CAST(:names AS regclass[]))"
+            " UNION ALL SELECT i.indexrelid FROM pg_catalog.pg_index i"
+            " WHERE i.indrelid = ANY(CAST(:names AS regclass[]))"
+        ),
+        {"names": names},
+    )
+    return [int(row[0]) for row in rows]
+
+
+def pages_touched(conn: sa.Connection, oids: list[int]) -> int:
+    """Pages this backend has requested of these relations since its stats were last sent.
+
+    Buffer hits plus reads (``pg_stat_get_xact_blocks_fetched``). The counters are sent to
+    the statistics system only between transactions, so the difference of two readings in
+    one transaction is exactly what the statements between them touched.
+    """
+    if not oids:
+        return 0
+    return int(
+        conn.execute(
+            sa.text(
+                "SELECT coalesce(sum(pg_catalog.pg_stat_get_xact_blocks_fetched(o)), 0)"
+                " FROM unnest(CAST(:oids AS oid[])) AS o"
+            ),
+            {"oids": oids},
+        ).scalar_one()
+    )
+
+
+def no_session(
+    sessions: sa.Table, key: sa.ColumnElement[Any], *, fenced: bool = False
+) -> sa.ColumnElement[bool]:
+    """No session has the id ``key`` (``NOT EXISTS``, a probe of the primary key).
+
+    ``fenced``: with ``OFFSET 0``, which keeps it a per-row probe: never pulled up into an
+    anti-join, which the planner may run as a hash join reading every session.
+    """
+    session = sa.select(sessions.c.id).where(sessions.c.id == key)
+    return ~(session.offset(0) if fenced else session).exists()

@@ -19,6 +19,7 @@ from session_cleanup_dev.seed import seed_database
 
 from session_cleanup_dagster import steps
 from session_cleanup_dagster.steps import StepOptions, loop, orphans
+from session_cleanup_dagster.steps.chooser import _Chooser
 from tests import data, model, pg
 from tests.data import T
 
@@ -245,7 +246,7 @@ def test_orphan_walk_stopped_in_either_pass_leaves_whole_batches_and_no_temporar
     assert pg.snapshot(app_url) == full
 
 
-def _run_chooser(chooser: loop._Chooser, rates: dict[str, float], batches: int) -> list[str]:
+def _run_chooser(chooser: _Chooser, rates: dict[str, float], batches: int) -> list[str]:
     """Plans the chooser picks for ``batches`` batches that run at ``rates`` units/s."""
     ran = []
     for _ in range(batches):
@@ -259,7 +260,7 @@ def _run_chooser(chooser: loop._Chooser, rates: dict[str, float], batches: int) 
 
 
 def test_chooser_runs_the_faster_plan_and_retries_the_other_ever_less_often() -> None:
-    chooser = loop._Chooser(("probe", "merge"), 1000, 50_000, 0.1)
+    chooser = _Chooser(("probe", "merge"), 1000, 50_000, 0.1)
     ran = _run_chooser(chooser, {"probe": 100_000.0, "merge": 200_000.0}, 40)
     # Each plan once, at the same size; then the faster, with the slower after 2, 4, 8,
     # 16 and 16 batches of it.
@@ -292,7 +293,7 @@ def test_orphan_walk_finds_the_same_ids_with_either_plan_of_pass_one(app_url: st
     try:
         for plan, join in [("probe", "Nested Loop Anti Join"), ("merge", "Merge Anti Join")]:
             walk = orphans._orphan_walk(engine, T, StepOptions(), timedelta(hours=1), "public")
-            walk.find = loop._Chooser((plan, plan), 3, 3, None)  # this plan, 3 keys a batch
+            walk.find = _Chooser((plan, plan), 3, 3, None)  # this plan, 3 keys a batch
             with engine.connect() as conn:
                 walk.start(conn)
             try:
@@ -320,3 +321,54 @@ def test_orphan_walk_finds_the_same_ids_with_either_plan_of_pass_one(app_url: st
     finally:
         engine.dispose()
     assert pg.snapshot(app_url) == before
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 50_000])
+def test_orphan_walk_s_second_pass_through_the_heap_keeps_the_contract(
+    app_url: str, batch_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where few session ids were found (a steady night), pass 2 walks the fingerprints'
+    # heap once instead of descending the index per id. Forced here on a small table: it
+    # must delete exactly what the contract says, re-checking each row (a session that
+    # arrives during pass 2 saves its fingerprints), and count in a dry run what it deletes.
+    monkeypatch.setattr(steps, "HEAP_PASS_MIN_PAGES", 0)
+    data.boundaries(app_url)
+    hour = timedelta(hours=1)
+    _insert_orphans(app_url, 40, per_session=4, age=lambda n: (n % 3) * hour)
+    for n in range(40):
+        live = data.uid(102) if n % 2 else None  # a live session, and no session at all
+        data.insert_fingerprint(app_url, data.uid(920_000 + n), live, T - 5 * hour)
+    pg.execute(app_url, "ANALYZE")
+    assert _units(app_url, "remove_orphan_fingerprints", StepOptions(dry_run=True)) == {
+        "fingerprints",
+        "pages",
+    }
+    engine = pg.engine(app_url)
+    try:
+        dry = steps.remove_orphan_fingerprints(engine, T, StepOptions(dry_run=True)).changed
+    finally:
+        engine.dispose()
+    arrived = data.uid(900_003)  # the session of orphans 12-15 (two of them due)
+    at_pass_2: list[pg.Snapshot] = []
+
+    def before_batch(progress: steps.Progress) -> None:
+        if progress.unit == "pages" and not at_pass_2:
+            data.insert_session(app_url, arrived, "u8", T - hour, ended_at=T - hour)
+            at_pass_2.append(pg.snapshot(app_url))
+
+    engine = pg.engine(app_url)
+    try:
+        result = steps.remove_orphan_fingerprints(
+            engine, T, StepOptions(batch_size=batch_size), before_batch=before_batch
+        )
+    finally:
+        engine.dispose()
+    [state] = at_pass_2
+    expected = model.remove_orphan_fingerprints(state, T)
+    assert pg.snapshot(app_url) == expected
+    assert data.uid(910_014) in {row["id"] for row in expected["device_fingerprints"]}
+    # Orphan 14 (2 hours old) was due when the dry run counted; its session arrived since.
+    assert result.changed == dry - 1
+    assert result.changed == len(state["device_fingerprints"]) - len(
+        expected["device_fingerprints"]
+    )

@@ -164,67 +164,6 @@ class _Pace:
         self.size = int(max(1, min(self.most, self.size * 2, max(self.size / 2, ideal))))
 
 
-class _Chooser:
-    """Runs, batch by batch, whichever of two plans has lately done more units per second.
-
-    Batch 0 runs the first plan, batch 1 the second, at the same size. From there the
-    faster one runs, and the other gets a batch again after 2 batches, then 4, 8, 16, 16, ...
-    while the faster one stays ahead (back to 2 when they swap). So a first measurement
-    that was off (a cold cache) is corrected early, a rate that changes later is still
-    seen, and the slower plan costs at most one batch in 17 once the choice is settled.
-    Each plan keeps its own pace: a batch of the slower plan is sized by its own last rate,
-    never larger than the faster plan's batches, so it too stays near the target duration.
-    """
-
-    MOST_BETWEEN = 16
-
-    def __init__(self, plans: tuple[str, str], first: int, most: int, target_s: float | None):
-        self.plans = plans
-        self.paces = {plan: _Pace(first, most, target_s) for plan in plans}
-        self.rates: dict[str, float] = {}
-        self.runs = dict.fromkeys(plans, 0)  # batches run, by plan
-        self.best = plans[0]
-        self.between = 2  # batches of the faster plan before the other's next one
-        self.since = 0  # batches of the faster plan since the other's last one
-
-    def _other(self) -> str:
-        return self.plans[1] if self.best == self.plans[0] else self.plans[0]
-
-    def next(self) -> tuple[str, int]:
-        """The plan for the next batch, and its size."""
-        batches = sum(self.runs.values())
-        if batches < len(self.plans):
-            plan = self.plans[batches]
-        else:
-            plan = self._other() if self.since >= self.between else self.best
-        pace = self.paces[plan]
-        rate = self.rates.get(plan)
-        if plan != self.best and rate is not None and pace.target_s:
-            ideal = int(rate * pace.target_s)
-            pace.size = max(1, min(self.paces[self.best].size, max(pace.size, ideal)))
-        return plan, pace.size
-
-    def observe(self, plan: str, units: int, seconds: float) -> None:
-        """What a batch of ``plan`` did; the next batch's plan follows from it."""
-        self.runs[plan] += 1
-        self.paces[plan].observe(units, seconds)
-        if units <= 0:
-            return
-        # Half the last batch, half the batches before it: one slow batch (a checkpoint, the
-        # app's load) halves a rate for one batch only, so it does not swap plans on its own.
-        rate = units / max(seconds, 1e-4)
-        self.rates[plan] = (self.rates[plan] + rate) / 2 if plan in self.rates else rate
-        if len(self.rates) < len(self.plans):
-            return
-        best = max(self.rates, key=self.rates.__getitem__)
-        if best != self.best:
-            self.best, self.between, self.since = best, 2, 0
-        elif plan == self.best:
-            self.since += 1
-        else:
-            self.between, self.since = min(2 * self.between, self.MOST_BETWEEN), 0
-
-
 def _timed(
     engine: sa.Engine,
 ) -> tuple[AbstractContextManager[sa.Connection], Callable[[], float]]:
@@ -364,6 +303,32 @@ def _sample_array(source: Any, want: int) -> sa.ScalarSelect[Any]:
 
 def _is_lock_conflict(exc: sa.exc.OperationalError) -> bool:
     return isinstance(exc.orig, psycopg.errors.LockNotAvailable | psycopg.errors.DeadlockDetected)
+
+
+class _Lent:
+    """The walk's own connection, lent to a walk that asks an engine for each batch's.
+
+    ``close`` returns it as it was lent: outside a transaction, and open.
+    """
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self._conn = conn
+
+    def connect(self) -> _Lent:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def close(self) -> None:
+        if not self._conn.invalidated and self._conn.in_transaction():
+            self._conn.rollback()
+
+    def __enter__(self) -> _Lent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def database_now(engine: sa.Engine) -> datetime:

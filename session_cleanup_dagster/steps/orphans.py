@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
@@ -12,6 +13,8 @@ import sqlalchemy.exc
 
 from session_cleanup_dagster import tables as t
 from session_cleanup_dagster.contract import GRACE
+from session_cleanup_dagster.steps.chooser import _Chooser
+from session_cleanup_dagster.steps.heap import _HeapWalk
 from session_cleanup_dagster.steps.loop import (
     FIRST_BATCH,
     BeforeBatch,
@@ -21,8 +24,8 @@ from session_cleanup_dagster.steps.loop import (
     StepResult,
     _Batch,
     _begin_batch,
-    _Chooser,
     _is_lock_conflict,
+    _Lent,
     _Pace,
     _sample_array,
     _target_s,
@@ -30,21 +33,26 @@ from session_cleanup_dagster.steps.loop import (
     _walk,
 )
 
+# Keys in each trial batch of the orphan step's dearer plan of pass 1 (rated by pages/key).
+FIND_TRIAL = 100
+# Pages one delete by key costs per found session id in the orphan step's second pass: a
+# descent of the index on session_id (3 levels at S and L) and a heap fetch.
+DESCENT_PAGES = 4
+# The most found ids the orphan step's second pass hashes per heap window (a few MB).
+HEAP_PASS_MOST_IDS = 50_000
+# ... and the fewest pages the fingerprints must fill for it to walk their heap (8 MiB):
+# below that either way costs little.
+HEAP_PASS_MIN_PAGES = 1024
+
 
 class _OrphanWalk:
     """Two passes over the index on ``session_id``: find the missing sessions, then delete.
 
-    The one-statement limit finds orphans with a hash anti-join that reads every session once.
-    A batch cannot do that (it would read every session once per batch). Probing the sessions'
-    primary key for each fingerprint in physical order (a heap walk) touches its leaf pages
-    at random, and measured at a third of the limit's rows/s. Taken in ``session_id`` order,
-    the probes walk the primary key from left to right, an index-only scan on both sides.
-
-    That holds only while the fingerprints' visibility map is intact: every delete clears
-    its page's bit, orphans sit on most pages, so a walk that deletes as it goes soon pays a
-    random heap fetch for every fingerprint it reads (measured at L: the reading half of
-    each batch became 44 % of its time). So the walk makes two passes, both in key order, on
-    one connection of its own:
+    A batch cannot do the one statement's hash anti-join (it would read every session once
+    per batch). Taken in ``session_id`` order, the probes of the sessions' primary key walk it
+    from left to right, index-only on both sides, while the fingerprints' visibility map is
+    intact; a walk that deletes as it goes clears it. So the walk makes two passes, both in
+    key order, on one connection of its own:
 
     1. **Find** (read-only). Each batch reads the next ``limit`` keys of the index after the
        last batch's, probes the primary key for them, and appends the session ids no session
@@ -56,27 +64,30 @@ class _OrphanWalk:
        short ``lock_timeout``; if the app holds one of its rows locked, it is redone locking
        rows ``FOR UPDATE SKIP LOCKED`` (locked rows are left for the next run).
 
+       Where pass 1 found few ids (a steady night), pass 2 instead walks the fingerprints'
+       heap once by ``ctid`` windows (``_HeapWalk``), each window's rows filtered by a hash
+       of the found ids and then by the whole condition: a descent of the index per found
+       id (some ``DESCENT_PAGES`` pages, whether or not its fingerprints are due) costs more
+       than one read of the heap once the ids outnumber a quarter of its pages.
+
     Every batch is its own transaction and changes nothing but whole batches; the temporary
     table dies with the connection, so a cancel or crash at any instant costs the next run
     nothing but pass 1 again. Plans are pinned (``SET LOCAL``) to index ranges: a seq scan
     or hash join, which the planner may prefer for a large range, reads a whole table per
     batch.
 
-    Pass 1 has two ways to join its range with the primary key, and each is faster in its
-    turn, so the walk measures both and runs the faster (``_Chooser``):
+    Pass 1 has two ways to join its range with the primary key, and each is cheaper in its
+    turn, so the walk measures both and runs the one that touches fewer pages per key
+    (``_Chooser``, rated by ``pg_stat_get_xact_blocks_fetched`` of both tables and their
+    indexes within the batch's transaction; the dearer plan gets trial batches of
+    ``FIND_TRIAL`` keys):
 
     - **probe**: a nested loop, one descent of the primary key per key of the range;
-    - **merge**: one scan of the primary key from the range's first key to its last. It
-      reads every session in between (3.3 per fingerprint in the reference data), which is
-      cheaper than the descents while those sessions' pages are all-visible, and dearer when
-      not (each then costs a heap fetch; so after an ``expire_sessions`` that ended many
-      sessions, until vacuum).
+    - **merge**: one scan of the primary key from the range's first key to its last, reading
+      every session in between: cheaper while their pages are all-visible, dearer when not.
 
-    Pass 2 probes the primary key per row: its ids are sparse in the key space.
-
-    Measured at L (single runs on identical copies; benchmarks/README.md): the one-statement
-    limit 3.2-3.6 s, one pass deleting as it goes 5.3-5.8 s, these two passes 3.9-4.0 s with
-    probes alone.
+    Pass 2 probes the primary key per row: its ids are sparse in the key space. The figures
+    behind each choice are in docs/design.md ("The orphan step").
 
     Needs an index that leads with ``session_id`` (the step's prerequisites check for it)
     and the TEMPORARY privilege on the database (granted to PUBLIC by default).
@@ -95,16 +106,26 @@ class _OrphanWalk:
         sessions: sa.Table,
         condition: Sequence[sa.ColumnElement[bool]],
         options: StepOptions,
+        fenced: Sequence[sa.ColumnElement[bool]] = (),
     ) -> None:
         self.engine = engine
         self.table = table
         self.sessions = sessions
         self.key = table.c.session_id
         self.condition = list(condition)
+        # The same condition with the sessions' probe kept a per-row subplan (for pass 2's
+        # walk of the heap, which must never become an anti-join reading every session).
+        self.fenced = list(fenced) or self.condition
+        self.options = options
+        # Pass 2 through the heap, when that touches fewer pages than deleting by key.
+        self.heap: _HeapWalk | None = None
         self.found = sa.Table(
             "session_cleanup_orphan_ids",
             sa.MetaData(),
-            sa.Column("id", self.key.type, primary_key=True),
+            # No index while pass 1 fills it (an index entry per found id cost 3 pages more
+            # per row: 15,800 pages for 5,400 ids at S). Its primary key is built in one go
+            # after pass 1 when pass 2 goes by key (``_choose_pass_two``).
+            sa.Column("id", self.key.type, nullable=False),
             schema="pg_temp",
         )
         self.conn: sa.Connection | None = None
@@ -117,13 +138,20 @@ class _OrphanWalk:
         self.done = 0
         self.deleting_since: float | None = None
         self.find = _Chooser(
-            ("probe", "merge"), FIRST_BATCH, options.batch_size, _target_s(options)
+            ("merge", "probe"),
+            FIRST_BATCH,
+            options.batch_size,
+            _target_s(options),
+            trial=FIND_TRIAL,
         )
+        # Both tables and their indexes: what pass 1's batches are rated by (pages touched).
+        self.relations: list[int] = []
         self.pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
 
     def start(self, conn: sa.Connection) -> None:
         tuples, _ = t.planner_estimate(conn, self.table)
         self.total = int(tuples) if tuples > 0 else None
+        self.relations = t.relation_oids(conn, self.table, self.sessions)
 
     def _own(self) -> sa.Connection:
         """The walk's own connection, holding the temporary table; opened on first use.
@@ -239,6 +267,9 @@ class _OrphanWalk:
         own = self._own()
         if not self.deleting:
             return self._run_find(own)
+        if self.heap is not None:
+            lent = typing.cast(sa.Engine, _Lent(own))
+            return self.heap.run_batch(lent, cap, dry_run, want_samples, check)
         limit = min(self.pace.size, cap)
         careful = False
         while True:
@@ -268,8 +299,10 @@ class _OrphanWalk:
         started = time.monotonic()
         with _transaction(own) as conn:
             _begin_batch(conn, self.FIND_PLANS[plan])
+            before = t.pages_touched(conn, self.relations)
             seen, last, added = conn.execute(self._find(limit, plan)).one()
-        self.find.observe(plan, int(seen), time.monotonic() - started)
+            pages = t.pages_touched(conn, self.relations) - before
+        self.find.observe(plan, int(seen), time.monotonic() - started, pages=pages)
         self.seen += int(seen)
         self.missing += int(added)
         if last is not None:
@@ -278,11 +311,49 @@ class _OrphanWalk:
             # Pass 1 is done: pass 2 deletes, if there is anything to delete.
             self.deleting = True
             self.deleting_since = time.monotonic()
+            if self.missing > 0:
+                self._choose_pass_two(own)
             return _Batch(0, [], self.missing > 0)
         return _Batch(0, [], True)
 
+    def _choose_pass_two(self, own: sa.Connection) -> None:
+        """Delete by key (a descent of the index per found id), or walk the heap once.
+
+        Deleting by key costs some ``DESCENT_PAGES`` pages per found id whatever its
+        fingerprints' age (most ids a steady night finds have only fingerprints inside the
+        grace period, which stay); one pass over the heap costs its pages once, each window
+        semi-joined with the found ids by a hash. The heap walk is taken where it touches
+        fewer pages and the found ids are few enough to hash per window (HEAP_PASS_MOST_IDS).
+        """
+        with _transaction(own) as conn:
+            pages = t.relation_pages(conn, self.table)
+        if (
+            pages < HEAP_PASS_MIN_PAGES
+            or self.missing * DESCENT_PAGES < pages
+            or self.missing > HEAP_PASS_MOST_IDS
+        ):
+            with _transaction(own) as conn:
+                # Pass 2 takes the ids in key order. Each batch of pass 1 added distinct ids
+                # past the last batch's, so they are unique.
+                conn.execute(sa.text(f"ALTER TABLE {_temp_name(self.found)} ADD PRIMARY KEY (id)"))
+            return
+        with _transaction(own) as conn:
+            # Its size, for the planner's choice of a hashed subplan.
+            conn.execute(sa.text(f"ANALYZE {_temp_name(self.found)}"))
+        found = sa.select(self.found.c.id).scalar_subquery()
+        # Not a top-level IN, so it is never pulled up into a join: a hashed subplan,
+        # evaluated before the probe of the sessions (PostgreSQL orders quals by cost).
+        among = sa.func.coalesce(self.key.in_(found), sa.false())
+        self.heap = _HeapWalk(self.table, [among, *self.fenced], self.options)
+        with _transaction(own) as conn:
+            self.heap.start(conn)
+
     def progress(self, progress: Progress) -> None:
-        if self.deleting:
+        if self.heap is not None:
+            self.heap.progress(progress)
+            progress.basis = "second pass, through the heap, from its size at the start"
+            progress.units_started = self.deleting_since
+        elif self.deleting:
             progress.unit = "orphaned session ids"
             progress.basis = "found by the first pass"
             progress.done_units = self.done
@@ -297,11 +368,6 @@ class _OrphanWalk:
 
 def _temp_name(table: sa.Table) -> str:
     return f"{table.schema}.{table.name}"
-
-
-def _no_session(sessions: sa.Table, key: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
-    """No session has the id ``key`` (``NOT EXISTS``, a probe of the primary key)."""
-    return ~sa.select(sessions.c.id).where(sessions.c.id == key).exists()
 
 
 def remove_orphan_fingerprints(
@@ -327,9 +393,7 @@ def _orphan_walk(
 ) -> _OrphanWalk:
     tables = t.reflect(schema)
     f, s = tables.fingerprints, tables.sessions
-    orphan = [
-        f.c.session_id.is_not(None),
-        f.c.created_at < cutoff - grace,
-        _no_session(s, f.c.session_id),
-    ]
-    return _OrphanWalk(engine, f, s, orphan, options)
+    due = [f.c.session_id.is_not(None), f.c.created_at < cutoff - grace]
+    orphan = [*due, t.no_session(s, f.c.session_id)]
+    fenced = [*due, t.no_session(s, f.c.session_id, fenced=True)]
+    return _OrphanWalk(engine, f, s, orphan, options, fenced)
