@@ -87,7 +87,7 @@ class _OrphanWalk:
       every session in between: cheaper while their pages are all-visible, dearer when not.
 
     Pass 2 probes the primary key per row: its ids are sparse in the key space. The figures
-    behind each choice are in docs/design.md ("The orphan step").
+    behind each choice are in docs/design.md.
 
     Needs an index that leads with ``session_id`` (the step's prerequisites check for it)
     and the TEMPORARY privilege on the database (granted to PUBLIC by default).
