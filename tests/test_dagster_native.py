@@ -124,6 +124,12 @@ def test_dg_launch_without_app_database_url_fails_at_once_naming_it() -> None:
     assert "STEP_UP_FOR_RETRY" not in out
 
 
+def _default_sigint() -> None:
+    # As from a terminal. A suite started in the background (a CI runner, `cmd &`) inherits
+    # SIGINT ignored, and so would dagster dev, which then ignores our Ctrl-C below.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def _dev_command(command: list[str], log: Path) -> Iterator[Webserver]:
     port = free_port()
@@ -135,6 +141,7 @@ def _dev_command(command: list[str], log: Path) -> Iterator[Webserver]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
     try:
         webserver = Webserver("127.0.0.1", port)

@@ -331,7 +331,7 @@ def test_orphan_walk_s_second_pass_through_the_heap_keeps_the_contract(
     # heap once instead of descending the index per id. Forced here on a small table: it
     # must delete exactly what the contract says, re-checking each row (a session that
     # arrives during pass 2 saves its fingerprints), and count in a dry run what it deletes.
-    monkeypatch.setattr(steps, "HEAP_PASS_MIN_PAGES", 0)
+    monkeypatch.setattr(orphans, "HEAP_PASS_MIN_PAGES", 0)
     data.boundaries(app_url)
     hour = timedelta(hours=1)
     _insert_orphans(app_url, 40, per_session=4, age=lambda n: (n % 3) * hour)
