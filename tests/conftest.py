@@ -10,6 +10,7 @@ run (tests/no_skips.py).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -35,6 +36,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.import_plugin("tests.no_skips")
+    # A suite started in the background (a CI runner, `cmd &`) inherits SIGINT ignored.
+    # Dagster's setup_interrupt_handlers copies SIGINT's disposition to SIGTERM, so after the
+    # first in-process call every child started here (the `tail` processes of Dagster's
+    # compute-log capture) would ignore SIGTERM, and each capture would wait 30 s for its
+    # tail to end. Start from the foreground's disposition either way.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True)
