@@ -269,19 +269,23 @@ def test_as_of_in_the_future_is_rejected(app_url: str) -> None:
     assert "is in the future" in failure_message(result, "expire_sessions")
 
 
+def _tick_0400(instance: dg.DagsterInstance) -> dg.ScheduleEvaluationContext:
+    """The schedule's tick at 04:00 UTC on 2026-11-28, which targets partition 2026-11-27."""
+    return dg.build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=datetime(2026, 11, 28, 4, 0, tzinfo=UTC),
+        repository_def=defs.get_repository_def(),
+    )
+
+
 def test_schedule_tick_at_0400_utc_targets_the_previous_day_with_cutoff_0400(
     app_url: str,
 ) -> None:
     schedule = defs.get_repository_def().get_schedule_def("session_cleanup_schedule")
     assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 4 * * *", "UTC")
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
-    tick = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)
     with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(
-            instance=instance,
-            scheduled_execution_time=tick,
-            repository_def=defs.get_repository_def(),
-        )
+        context = _tick_0400(instance)
         requests = schedule.evaluate_tick(context).run_requests
         assert requests is not None and len(requests) == 1
         assert requests[0].partition_key == "2026-11-27"
@@ -301,13 +305,8 @@ def test_dagsters_own_schedule_builder_still_warns_so_ours_stays() -> None:
     built = builder(job, default_status=dg.DefaultScheduleStatus.RUNNING)
     assert isinstance(built, dg.ScheduleDefinition)  # a job, not an asset selection
     assert (built.cron_schedule, built.execution_timezone) == ("0 4 * * *", "UTC")
-    tick = datetime(2026, 11, 28, 4, 0, tzinfo=UTC)
     with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(
-            instance=instance,
-            scheduled_execution_time=tick,
-            repository_def=defs.get_repository_def(),
-        )
+        context = _tick_0400(instance)
         with pytest.warns(DeprecationWarning, match="run_request_for_partition"):
             requests = built.evaluate_tick(context).run_requests
     assert requests is not None and [r.partition_key for r in requests] == ["2026-11-27"]
