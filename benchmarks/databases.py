@@ -12,9 +12,10 @@ from datetime import datetime
 
 import psycopg
 import sqlalchemy as sa
-from session_cleanup_dev.seed import DECLINE_RETENTION, FINGERPRINT_GRACE, seed_database
+from session_cleanup_dev.seed import seed_database
 
 from session_cleanup_dagster.backlog import backlog
+from session_cleanup_dagster.contract import GRACE, RETENTION
 from session_cleanup_dagster.locking import conninfo
 from session_cleanup_dagster.resources import make_engine
 from session_cleanup_dagster.urls import psycopg_url
@@ -159,8 +160,8 @@ def _kept(conn: sa.Connection, cutoff: datetime) -> dict[str, int]:
     """Rows no step may remove or end (the app's load only adds to these)."""
     params = {
         "t": cutoff,
-        "retention": cutoff - DECLINE_RETENTION,
-        "grace": cutoff - FINGERPRINT_GRACE,
+        "retention": cutoff - RETENTION,
+        "grace": cutoff - GRACE,
     }
     queries = {
         "users": "SELECT count(*) FROM users",

@@ -6,6 +6,7 @@ dropped with ``WITH (FORCE)`` afterwards; the server's own databases are never t
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -408,8 +409,69 @@ def test_default_anchor_is_now_to_the_second(engine: sa.Engine) -> None:
 
 
 def test_refuses_tables_with_rows(seeded: sa.Engine) -> None:
-    with pytest.raises(ValueError, match="already has rows"):
+    before = dump(seeded)
+    with pytest.raises(ValueError, match=r"already holds rows \(in public\.after_hours_declines"):
         seed_database(seeded, N, anchor=ANCHOR)
+    assert dump(seeded) == before
+
+
+def database_state(engine: sa.Engine) -> dict[str, Any]:
+    """Every table outside the system schemas, and every row of the app's own table."""
+    with engine.connect() as conn:
+        tables = conn.execute(
+            sa.text(
+                "SELECT schemaname, tablename FROM pg_tables"
+                " WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+            )
+        ).all()
+        messages = conn.execute(sa.text("SELECT * FROM app.messages ORDER BY id")).all()
+    return {"tables": [tuple(t) for t in tables], "messages": [tuple(m) for m in messages]}
+
+
+def test_refuses_a_database_holding_rows_it_did_not_create(engine: sa.Engine) -> None:
+    """The app's database, say: one row in any table of any schema, and nothing is written."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA app"))
+        conn.execute(sa.text("CREATE TABLE app.messages (id int PRIMARY KEY, body text)"))
+        conn.execute(sa.text("INSERT INTO app.messages VALUES (1, 'hello')"))
+    before = database_state(engine)
+    with pytest.raises(ValueError, match=r"already holds rows \(in app\.messages\); .*\(createdb"):
+        seed_database(engine, 10, anchor=ANCHOR)
+    assert database_state(engine) == before
+    assert before["tables"] == [("app", "messages")]
+
+    # The same database with the row gone is empty again, and is seeded.
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM app.messages"))
+    assert seed_database(engine, 10, anchor=ANCHOR)["users"] == 10
+
+
+def test_refuses_a_database_with_a_table_it_cannot_read(admin_url: str) -> None:
+    """A table the seeding role may not read could hold anything: refused, unread."""
+    role = f"seed_reader_{uuid.uuid4().hex[:12]}"
+    with scratch_engine(admin_url) as owner:
+        with owner.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE secret (id int)"))
+            conn.execute(sa.text(f"CREATE ROLE {role}"))
+            conn.execute(sa.text(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}"))
+        try:
+            seeder = sa.create_engine(
+                owner.url, poolclass=NullPool, connect_args={"options": f"-c role={role}"}
+            )
+            try:
+                with pytest.raises(ValueError, match=r"already holds rows \(in public\.secret\)"):
+                    seed_database(seeder, 10, anchor=ANCHOR)
+            finally:
+                seeder.dispose()
+            with owner.connect() as conn:
+                names = conn.execute(
+                    sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                )
+                assert names.scalars().all() == ["secret"]
+        finally:
+            with owner.begin() as conn:
+                conn.execute(sa.text(f"REVOKE ALL ON SCHEMA public FROM {role}"))
+                conn.execute(sa.text(f"DROP ROLE {role}"))
 
 
 def test_refuses_missing_tables_without_create_schema(engine: sa.Engine) -> None:

@@ -27,8 +27,8 @@ def main() -> None:
     "--database-url",
     required=True,
     # Never $APP_DATABASE_URL: in a production pod that is the production database.
-    help="Target database, always given explicitly. Its tables are created if missing; a "
-    "database whose tables already hold rows is refused.",
+    help="Target database, always given explicitly: a new, empty one. The reference tables "
+    "are created if missing; a database holding any rows, in any table, is refused.",
 )
 @click.option(
     "--scale",
