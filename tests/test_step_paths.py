@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from session_cleanup_dev.seed import seed_database
@@ -57,21 +58,117 @@ def _missing_session_ids(state: pg.Snapshot) -> set[Any]:
     }
 
 
-def test_few_due_sessions_in_a_large_table_walk_the_partial_index(app_url: str) -> None:
-    data.boundaries(app_url)
+def _few_due_sessions_among_many(url: str, ties: int = 0) -> None:
+    """The boundary rows, 3,000 sessions that ended long ago, and ``ties`` due open sessions
+    that share one ``expires_at`` (ids ``uid(700_000 + n)``)."""
+    data.boundaries(url)
     # Many sessions that ended long ago: pages the index walk need not read.
-    pg.execute(app_url, "INSERT INTO users (id) SELECT 'pad_' || g FROM generate_series(1, 3000) g")
+    pg.execute(url, "INSERT INTO users (id) SELECT 'pad_' || g FROM generate_series(1, 3000) g")
     pg.execute(
-        app_url,
+        url,
         "INSERT INTO after_hours_sessions (user_id, expires_at, ended_at, latitude, longitude,"
         " fuzzed_latitude, fuzzed_longitude) SELECT 'pad_' || g, %s, %s, 1, 1, 1, 1"
         " FROM generate_series(1, 3000) g",
         (T - timedelta(days=20), T - timedelta(days=21)),
     )
-    pg.execute(app_url, "ANALYZE")
+    for n in range(ties):
+        data.insert_user(url, f"tie_{n}")
+        data.insert_session(url, data.uid(700_000 + n), f"tie_{n}", T - timedelta(minutes=30))
+    pg.execute(url, "ANALYZE")
+
+
+def test_few_due_sessions_in_a_large_table_walk_the_partial_index(app_url: str) -> None:
+    _few_due_sessions_among_many(app_url)
     before = pg.snapshot(app_url)
     assert _units(app_url, "expire_sessions") == {"rows"}
     assert pg.snapshot(app_url) == model.expire_sessions(before, T)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 1000])
+def test_the_index_walk_takes_every_session_sharing_its_batch_s_last_expires_at(
+    app_url: str, batch_size: int
+) -> None:
+    """A plain batch ends at an expires_at, not a row: five equal ones all go in it."""
+    _few_due_sessions_among_many(app_url, ties=5)
+    before = pg.snapshot(app_url)
+    options = StepOptions(batch_size=batch_size)
+    assert _units(app_url, "expire_sessions", options) == {"rows"}
+    assert pg.snapshot(app_url) == model.expire_sessions(before, T)
+
+
+def test_the_index_walk_skips_a_session_the_app_holds_locked_and_the_next_run_takes_it(
+    app_url: str,
+) -> None:
+    """The plain UPDATE meets the lock, is rolled back, and its rows go the careful way."""
+    _few_due_sessions_among_many(app_url, ties=5)
+    before = pg.snapshot(app_url)
+    expected = model.expire_sessions(before, T)
+    locked = data.uid(700_002)
+    with psycopg.connect(app_url) as holder:
+        holder.execute("SELECT 1 FROM after_hours_sessions WHERE id = %s FOR UPDATE", (locked,))
+        engine = pg.engine(app_url)
+        try:
+            units: set[str] = set()
+            result = steps.expire_sessions(
+                engine, T, StepOptions(batch_size=2), before_batch=lambda p: units.add(p.unit)
+            )
+        finally:
+            engine.dispose()
+        during = pg.snapshot(app_url)
+        holder.rollback()
+    assert units == {"rows"}
+    assert result.changed == _changed_sessions(before, expected) - 1
+    assert _without(during, locked) == _without(expected, locked)
+    assert _without(before, locked) != _without(expected, locked)
+    assert _session(during, locked) == _session(before, locked)
+    engine = pg.engine(app_url)
+    try:
+        assert steps.expire_sessions(engine, T).changed == 1
+    finally:
+        engine.dispose()
+    assert pg.snapshot(app_url) == expected
+
+
+def test_the_index_walk_stops_at_the_cap_inside_sessions_sharing_an_expires_at(
+    app_url: str,
+) -> None:
+    """A plain batch that would pass max_rows is rolled back; the careful one stops at it."""
+    _few_due_sessions_among_many(app_url, ties=5)
+    before = pg.snapshot(app_url)
+    expected = model.expire_sessions(before, T)
+    engine = pg.engine(app_url)
+    try:
+        with pytest.raises(steps.SafetyCapExceeded) as raised:
+            steps.expire_sessions(engine, T, StepOptions(batch_size=2, max_rows=4))
+    finally:
+        engine.dispose()
+    assert raised.value.changed == 4
+    after = pg.snapshot(app_url)
+    changed = [
+        row
+        for row, old in zip(
+            after["after_hours_sessions"], before["after_hours_sessions"], strict=True
+        )
+        if row != old
+    ]
+    assert len(changed) == 4
+    assert all(row in expected["after_hours_sessions"] for row in changed)
+    assert {table: rows for table, rows in after.items() if table != "after_hours_sessions"} == {
+        table: rows for table, rows in before.items() if table != "after_hours_sessions"
+    }
+
+
+def _changed_sessions(before: pg.Snapshot, after: pg.Snapshot) -> int:
+    pairs = zip(before["after_hours_sessions"], after["after_hours_sessions"], strict=True)
+    return sum(old != new for old, new in pairs)
+
+
+def _session(state: pg.Snapshot, session_id: Any) -> list[Any]:
+    return [row for row in state["after_hours_sessions"] if row["id"] == session_id]
+
+
+def _without(state: pg.Snapshot, row_id: Any) -> pg.Snapshot:
+    return {table: [r for r in rows if r["id"] != row_id] for table, rows in state.items()}
 
 
 def test_a_large_backlog_of_sessions_walks_the_heap(app_url: str) -> None:

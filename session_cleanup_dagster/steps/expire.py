@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -19,9 +20,13 @@ from session_cleanup_dagster.steps.loop import (
     BeforeBatch,
     CapCheck,
     Progress,
+    SafetyCapExceeded,
     StepOptions,
     StepResult,
     _Batch,
+    _begin_batch,
+    _count_and_sample,
+    _is_lock_conflict,
     _Pace,
     _sample_array,
     _target_s,
@@ -29,21 +34,30 @@ from session_cleanup_dagster.steps.loop import (
     _walk,
 )
 
+# Sorts after every uuid: a key (expires_at, _LAST_UUID) passes all rows with that expires_at.
+_LAST_UUID = uuid.UUID(int=2**128 - 1)
+
 # expire_sessions walks the heap instead of the partial index when the due rows number at
 # least one per this many pages of the table (then most pages hold a due row anyway).
 HEAP_WALK_PAGES_PER_ROW = 4
 
 
 class _ExpireWalk:
-    """Keyset on (expires_at, id) over the partial index; one statement per batch.
+    """Keyset on (expires_at, id) over the partial index on open sessions.
 
-    Each batch is one round trip: a CTE locks the next rows ``FOR NO KEY UPDATE SKIP LOCKED``
-    and the UPDATE in the same statement changes them by ``ctid`` (a TID scan, no second
-    index lookup; a row we hold locked cannot move). The UPDATE re-checks the condition on
-    the row itself. One statement is enough here because the condition reads only the row's
-    own columns: a row the app changed after our snapshot is either skipped by the lock or
-    re-checked on its newest version, and a version our snapshot cannot see is not updated
-    (it stays for the next run). Nothing but counts and one key comes back to the client.
+    The common batch is plain: it reads the ``expires_at`` of the batch's last row from the
+    index, then ``UPDATE ... WHERE <due> AND expires_at <= that`` under a short
+    ``lock_timeout``, planned like the one-statement limit (the partial index, then each
+    page read once and changed). The UPDATE re-checks the condition on each row's newest
+    version, so a row the app changed meanwhile is changed only if still due.
+
+    If the plain statement meets a row lock the app holds longer than that, or would pass
+    the safety cap, it is rolled back whole and the same rows are taken the careful way: a
+    CTE locks them ``FOR NO KEY UPDATE SKIP LOCKED`` and the UPDATE in the same statement
+    changes them by ``ctid`` (a row we hold locked cannot move). Locked rows are skipped and
+    left for the next run. Locking first reads each row's page twice more: 1.47x the limit's
+    pages on a steady night at S, where the plain batch reads what the limit reads. Dry runs
+    count the same rows without locking. Only counts and one key come back to the client.
     """
 
     def __init__(self, tables: t.Tables, cutoff: datetime, options: StepOptions) -> None:
@@ -53,6 +67,8 @@ class _ExpireWalk:
         self.total: int | None = None
         self.seen = 0
         self.pace = _Pace(FIRST_BATCH, options.batch_size, _target_s(options))
+        # The next batch is taken the careful way (after a lock conflict or near the cap).
+        self.careful = False
 
     def _due(self) -> list[sa.ColumnElement[bool]]:
         return [self.s.c.ended_at.is_(None), self.s.c.expires_at < self.cutoff]
@@ -65,14 +81,7 @@ class _ExpireWalk:
 
     def _next(self, limit: int, lock: bool) -> sa.CTE:
         s = self.s
-        query = sa.select(s.c.id, s.c.expires_at, _ctid()).where(*self._due())
-        if self.key is not None:
-            last_expires, last_id = self.key
-            # Written so the planner can use the index on expires_at for the range start.
-            query = query.where(
-                s.c.expires_at >= last_expires,
-                sa.or_(s.c.expires_at > last_expires, s.c.id > last_id),
-            )
+        query = sa.select(s.c.id, s.c.expires_at, _ctid()).where(*self._due(), *self._after_key())
         query = query.order_by(s.c.expires_at, s.c.id).limit(limit)
         if lock:
             # NO KEY UPDATE: ended_at is not a key column, so the app's foreign-key checks
@@ -80,7 +89,67 @@ class _ExpireWalk:
             query = query.with_for_update(skip_locked=True, key_share=True)
         return query.cte("picked")
 
+    def _after_key(self) -> list[sa.ColumnElement[bool]]:
+        if self.key is None:
+            return []
+        last_expires, last_id = self.key
+        s = self.s
+        if last_id == _LAST_UUID:
+            # After a plain batch: no id in the condition, so the partial index alone answers.
+            return [s.c.expires_at > last_expires]
+        # Written so the planner can use the index on expires_at for the range start.
+        return [
+            s.c.expires_at >= last_expires,
+            sa.or_(s.c.expires_at > last_expires, s.c.id > last_id),
+        ]
+
     def run_batch(
+        self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
+    ) -> _Batch:
+        if dry_run or self.careful:
+            self.careful = False
+            return self._locked_batch(engine, cap, dry_run, want_samples, check)
+        s = self.s
+        limit = min(self.pace.size, cap)
+        runner, elapsed = _timed(engine)
+        try:
+            with runner as conn:
+                _begin_batch(conn)
+                # The batch's last expires_at, read from the partial index alone.
+                end = conn.execute(
+                    sa.select(s.c.expires_at)
+                    .where(*self._due(), *self._after_key())
+                    .order_by(s.c.expires_at)
+                    .offset(limit - 1)
+                    .limit(1)
+                ).scalar_one_or_none()
+                bound = [] if end is None else [s.c.expires_at <= end]
+                done = (
+                    sa.update(s)
+                    .where(*self._due(), *self._after_key(), *bound)
+                    .values(ended_at=s.c.expires_at)
+                    .returning(s.c.id)
+                    .cte("done")
+                )
+                changed, samples = conn.execute(_count_and_sample(done, want_samples)).one()
+                # Rows sharing the last expires_at all go in: a few past the batch size.
+                check(changed)
+        except SafetyCapExceeded:
+            self.careful = True
+            return _Batch(0, [], True)
+        except sa.exc.OperationalError as exc:
+            if not _is_lock_conflict(exc):
+                raise
+            self.careful = True
+            return _Batch(0, [], True)
+        self.pace.observe(int(changed), elapsed())
+        self.seen += int(changed)
+        if end is not None:
+            # Every due row up to ``end`` is done: go on after all of them.
+            self.key = (end, _LAST_UUID)
+        return _Batch(int(changed), [str(i) for i in samples or []], end is not None)
+
+    def _locked_batch(
         self, engine: sa.Engine, cap: int, dry_run: bool, want_samples: int, check: CapCheck
     ) -> _Batch:
         s = self.s
