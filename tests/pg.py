@@ -102,6 +102,16 @@ def create_schema(url: str, schema_name: str = "public") -> None:
 Snapshot = dict[str, list[dict[str, Any]]]
 
 
+def row_with_id(state: Snapshot, row_id: Any) -> list[dict[str, Any]]:
+    """The row (in any table) whose id is ``row_id``, as a list: empty if there is none."""
+    return [row for rows in state.values() for row in rows if row["id"] == row_id]
+
+
+def without_row(state: Snapshot, row_id: Any) -> Snapshot:
+    """The state without the row whose id is ``row_id``."""
+    return {table: [row for row in rows if row["id"] != row_id] for table, rows in state.items()}
+
+
 def snapshot(url: str, schema_name: str = "public") -> Snapshot:
     """Every row of the four tables, every column, ordered by id: the whole state."""
     with psycopg.connect(_plain(url)) as conn:

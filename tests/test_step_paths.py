@@ -77,6 +77,13 @@ def _few_due_sessions_among_many(url: str, ties: int = 0) -> None:
     pg.execute(url, "ANALYZE")
 
 
+def _ties_and_expected(url: str) -> tuple[pg.Snapshot, pg.Snapshot]:
+    """Five tied due sessions among many: the state, and the state the contract expects."""
+    _few_due_sessions_among_many(url, ties=5)
+    before = pg.snapshot(url)
+    return before, model.expire_sessions(before, T)
+
+
 def test_few_due_sessions_in_a_large_table_walk_the_partial_index(app_url: str) -> None:
     _few_due_sessions_among_many(app_url)
     before = pg.snapshot(app_url)
@@ -100,9 +107,7 @@ def test_the_index_walk_skips_a_session_the_app_holds_locked_and_the_next_run_ta
     app_url: str,
 ) -> None:
     """The plain UPDATE meets the lock, is rolled back, and its rows go the careful way."""
-    _few_due_sessions_among_many(app_url, ties=5)
-    before = pg.snapshot(app_url)
-    expected = model.expire_sessions(before, T)
+    before, expected = _ties_and_expected(app_url)
     locked = data.uid(700_002)
     with psycopg.connect(app_url) as holder:
         holder.execute("SELECT 1 FROM after_hours_sessions WHERE id = %s FOR UPDATE", (locked,))
@@ -118,9 +123,9 @@ def test_the_index_walk_skips_a_session_the_app_holds_locked_and_the_next_run_ta
         holder.rollback()
     assert units == {"rows"}
     assert result.changed == _changed_sessions(before, expected) - 1
-    assert _without(during, locked) == _without(expected, locked)
-    assert _without(before, locked) != _without(expected, locked)
-    assert _session(during, locked) == _session(before, locked)
+    assert pg.without_row(during, locked) == pg.without_row(expected, locked)
+    assert pg.without_row(before, locked) != pg.without_row(expected, locked)
+    assert pg.row_with_id(during, locked) == pg.row_with_id(before, locked)
     engine = pg.engine(app_url)
     try:
         assert steps.expire_sessions(engine, T).changed == 1
@@ -133,9 +138,7 @@ def test_the_index_walk_stops_at_the_cap_inside_sessions_sharing_an_expires_at(
     app_url: str,
 ) -> None:
     """A plain batch that would pass max_rows is rolled back; the careful one stops at it."""
-    _few_due_sessions_among_many(app_url, ties=5)
-    before = pg.snapshot(app_url)
-    expected = model.expire_sessions(before, T)
+    before, expected = _ties_and_expected(app_url)
     engine = pg.engine(app_url)
     try:
         with pytest.raises(steps.SafetyCapExceeded) as raised:
@@ -161,14 +164,6 @@ def test_the_index_walk_stops_at_the_cap_inside_sessions_sharing_an_expires_at(
 def _changed_sessions(before: pg.Snapshot, after: pg.Snapshot) -> int:
     pairs = zip(before["after_hours_sessions"], after["after_hours_sessions"], strict=True)
     return sum(old != new for old, new in pairs)
-
-
-def _session(state: pg.Snapshot, session_id: Any) -> list[Any]:
-    return [row for row in state["after_hours_sessions"] if row["id"] == session_id]
-
-
-def _without(state: pg.Snapshot, row_id: Any) -> pg.Snapshot:
-    return {table: [r for r in rows if r["id"] != row_id] for table, rows in state.items()}
 
 
 def test_a_large_backlog_of_sessions_walks_the_heap(app_url: str) -> None:

@@ -218,9 +218,9 @@ def test_row_locked_by_the_app_is_skipped_without_waiting_and_left_for_next_run(
         release.set()
         holder.join()
     # Everything but the locked row is as the contract says; the locked row is untouched.
-    locked_before = _row(before, locked_id)
-    assert _row(during, locked_id) == locked_before
-    assert _without(during, locked_id) == _without(expected, locked_id)
+    locked_before = pg.row_with_id(before, locked_id)
+    assert pg.row_with_id(during, locked_id) == locked_before
+    assert pg.without_row(during, locked_id) == pg.without_row(expected, locked_id)
     # The next run finishes the work.
     engine = pg.engine(app_url)
     again = getattr(steps, step_name)(engine, T)
@@ -228,14 +228,6 @@ def test_row_locked_by_the_app_is_skipped_without_waiting_and_left_for_next_run(
     assert again.changed == 1
     assert pg.snapshot(app_url) == expected
     assert result.changed >= 1
-
-
-def _row(state: pg.Snapshot, row_id):
-    return [r for rows in state.values() for r in rows if r["id"] == row_id]
-
-
-def _without(state: pg.Snapshot, row_id) -> pg.Snapshot:
-    return {table: [r for r in rows if r["id"] != row_id] for table, rows in state.items()}
 
 
 def test_safety_cap_stops_before_passing_max_rows_and_keeps_batches_whole(app_url: str) -> None:
