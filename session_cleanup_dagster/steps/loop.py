@@ -88,7 +88,7 @@ class StepResult:
     dry_run: bool
     cutoff: datetime
     duration_s: float
-    sample_ids: tuple[str, ...] = ()
+    sample_ids: tuple[str, ...] = ()  # of the rows a dry run would change; empty otherwise
 
     @property
     def rows_per_second(self) -> float:
@@ -254,7 +254,10 @@ def _walk(
             progress.next_batch_limit = cap
             if before_batch is not None:
                 before_batch(progress)
-            batch = walk.run_batch(engine, cap, options.dry_run, SAMPLE_SIZE - len(samples), check)
+            # Sample ids are shown for dry runs only; a real batch that returned ids would read
+            # each changed row's page once more.
+            want = SAMPLE_SIZE - len(samples) if options.dry_run else 0
+            batch = walk.run_batch(engine, cap, options.dry_run, want, check)
             if batch.changed:
                 progress.batches += 1
                 progress.changed += batch.changed
