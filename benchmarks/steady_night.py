@@ -356,6 +356,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--split", action="store_true", help="also split the job's steps: step vs backlog count"
     )
+    parser.add_argument(
+        "--declines-index",
+        choices=sorted(DECLINES_INDEXES),
+        default="none",
+        help="an index the app may have on after_hours_declines.created_at, made before T0",
+    )
     args = parser.parse_args(argv)
     scale, users = args.scale.upper(), parse_scale(args.scale)
     t1 = (
@@ -372,11 +378,14 @@ def main(argv: list[str]) -> None:
                 conn.execute("SELECT pg_reload_conf()")
         server = databases.Server(admin_url)
         try:
-            results.update(run(server, scale, users, t0, t1, split=args.split))
+            index = DECLINES_INDEXES[args.declines_index]
+            results.update(run(server, scale, users, t0, t1, split=args.split, index=index))
         finally:
             server.drop_all()
     lines = [
         f"## Steady night at {scale} ({users:,} users): T0 {t0.isoformat()}, T1 {t1.isoformat()}",
+        "",
+        f"index on after_hours_declines.created_at: {args.declines_index}",
         "",
         f"reader's own pages per interval (an empty interval): {results['reader']}",
         "",
@@ -416,13 +425,31 @@ def main(argv: list[str]) -> None:
         args.json.write_text(json.dumps(results, default=str, indent=1) + "\n")
 
 
+# What --declines-index makes on the template, before T0: the app's choice, never the job's.
+DECLINES_INDEXES: dict[str, str | None] = {
+    "none": None,
+    "btree": "CREATE INDEX declines_created_at_idx ON after_hours_declines (created_at)",
+    "brin": "CREATE INDEX declines_created_at_brin ON after_hours_declines USING brin (created_at)",
+}
+
+
 def run(
-    server: databases.Server, scale: str, users: int, t0: datetime, t1: datetime, *, split: bool
+    server: databases.Server,
+    scale: str,
+    users: int,
+    t0: datetime,
+    t1: datetime,
+    *,
+    split: bool,
+    index: str | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     started = time.monotonic()
     template, _ = databases.seed_template(server, scale, users, anchor=t1)
     template_url = databases.url_of(server.admin_url, template)
+    if index is not None:
+        with psycopg.connect(template_url, autocommit=True) as conn:
+            conn.execute(index)
     # The night before: the limit at T0, then what autovacuum would have done since.
     night_before = {step: limit_step(template_url, step, t0) for step in JOB_ORDER}
     databases.vacuum(template_url, checkpoint=True)

@@ -87,6 +87,24 @@ def planner_estimate(conn: sa.Connection, table: sa.Table) -> tuple[float, int]:
     return float(row.reltuples), int(row.relpages)
 
 
+def has_btree_index_on(conn: sa.Connection, table: sa.Table, column: str) -> bool:
+    """Whether ``table`` has a valid, whole-table B-tree index that leads with ``column``."""
+    return bool(
+        conn.execute(
+            sa.text(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i"
+                " JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid"
+                " JOIN pg_catalog.pg_am am ON am.oid = ic.relam"
+                " JOIN pg_catalog.pg_attribute a"
+                " ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+                " WHERE i.indrelid = CAST(:name AS regclass) AND a.attname = :column"
+                " AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL)"
+            ),
+            {"name": qualified_name(conn, table), "column": column},
+        ).scalar_one()
+    )
+
+
 def relation_oids(conn: sa.Connection, *tables: sa.Table) -> list[int]:
     """The oids of ``tables`` and of each of their indexes (for ``pages_touched``)."""
     names = [qualified_name(conn, table) for table in tables]

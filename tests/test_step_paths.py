@@ -175,6 +175,58 @@ def test_a_large_backlog_of_sessions_walks_the_heap(app_url: str) -> None:
     assert pg.snapshot(app_url) == model.expire_sessions(before, T)
 
 
+def _recent_declines(url: str, *, index: bool) -> None:
+    """2,000 declines none of which is due at T, the boundary rows, and (``index``) a B-tree
+    index on ``after_hours_declines.created_at``, as an app may have."""
+    data.seed(url, 400, anchor=T + timedelta(days=90))
+    data.boundaries(url)
+    if index:
+        pg.execute(url, "CREATE INDEX declines_created_at_idx ON after_hours_declines (created_at)")
+    pg.execute(url, "ANALYZE")
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 1000])
+def test_purge_declines_walks_an_index_on_created_at_when_the_app_has_one(
+    app_url: str, batch_size: int
+) -> None:
+    _recent_declines(app_url, index=True)
+    before = pg.snapshot(app_url)
+    assert _units(app_url, "purge_declines", StepOptions(batch_size=batch_size)) == {"rows"}
+    assert pg.snapshot(app_url) == model.purge_declines(before, T)
+
+
+def test_purge_declines_without_an_index_on_created_at_walks_the_heap(app_url: str) -> None:
+    _recent_declines(app_url, index=False)
+    before = pg.snapshot(app_url)
+    assert _units(app_url, "purge_declines") == {"pages"}
+    assert pg.snapshot(app_url) == model.purge_declines(before, T)
+
+
+def test_purge_declines_index_walk_skips_a_decline_the_app_holds_locked(app_url: str) -> None:
+    _recent_declines(app_url, index=True)
+    before = pg.snapshot(app_url)
+    expected = model.purge_declines(before, T)
+    due = [
+        row["id"]
+        for row in before["after_hours_declines"]
+        if row not in expected["after_hours_declines"]
+    ]
+    locked = due[0]
+    with psycopg.connect(app_url) as holder:
+        holder.execute("SELECT 1 FROM after_hours_declines WHERE id = %s FOR UPDATE", (locked,))
+        assert _units(app_url, "purge_declines") == {"rows"}
+        during = pg.snapshot(app_url)
+        holder.rollback()
+    assert pg.without_row(during, locked) == pg.without_row(expected, locked)
+    assert pg.row_with_id(during, locked) == pg.row_with_id(before, locked)
+    engine = pg.engine(app_url)
+    try:
+        assert steps.purge_declines(engine, T).changed == 1
+    finally:
+        engine.dispose()
+    assert pg.snapshot(app_url) == expected
+
+
 @pytest.mark.parametrize(
     "options",
     [

@@ -12,27 +12,28 @@ rescans what it has passed, so the total work is linear in the table size even w
 index serves the condition:
 
 - ``purge_declines`` walks the heap in physical order by windows of ``ctid`` pages (TID
-  range scans, PostgreSQL 14+). The app has no index on ``after_hours_declines.created_at``,
-  so ``WHERE created_at < x LIMIT n`` re-run per batch would rescan the already-cleaned
-  prefix every time: quadratic. See ``_HeapWalk``.
+  range scans, PostgreSQL 14+). The reference schema has no index on
+  ``after_hours_declines.created_at``, so ``WHERE created_at < x LIMIT n`` re-run per batch
+  would rescan the already-cleaned prefix every time: quadratic. See ``_HeapWalk``. Where
+  the app has a B-tree index on ``created_at`` and few rows are due, it walks that index
+  like ``expire_sessions`` (``_KeysetWalk``).
 - ``remove_orphan_fingerprints`` walks the index on ``session_id`` by key ranges, so its
   joins with the sessions' primary key run in key order: once to find the orphans' session
   ids (probing or merging, whichever measures faster), once more to delete their
   fingerprints. See ``_OrphanWalk``.
 - ``expire_sessions`` walks the partial index on open sessions, keyset on (expires_at, id),
-  when few sessions are due, and the heap like the others when many are (``_ExpireChoice``).
+  when few sessions are due, and the heap like the others when many are (``_IndexOrHeap``).
 
 One module per walk: ``loop`` (the batch loop, pacing and options all steps share),
-``heap`` (``purge_declines``), ``expire`` (``expire_sessions``), ``orphans``
-(``remove_orphan_fingerprints``). The numbers behind these choices are in docs/design.md and
-benchmarks/README.md.
+``heap`` (one pass over the heap), ``keyset`` (the index walk; ``expire_sessions`` and
+``purge_declines``), ``orphans`` (``remove_orphan_fingerprints``). The numbers behind
+these choices are in docs/design.md and benchmarks/README.md.
 
 A dry run walks the same way without locking or changing a row of the app's (the orphan
 step still fills its own temporary table), so its counts equal a real run's on the same data.
 """
 
-from session_cleanup_dagster.steps.expire import expire_sessions
-from session_cleanup_dagster.steps.heap import purge_declines
+from session_cleanup_dagster.steps.keyset import expire_sessions, purge_declines
 from session_cleanup_dagster.steps.loop import (
     ASYNC_COMMIT,
     SAMPLE_SIZE,

@@ -1,10 +1,9 @@
-"""purge_declines (and expire_sessions' backlogs): one pass over the heap by ctid."""
+"""One pass over a table's heap by ctid windows (purge_declines; expire_sessions' backlogs)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -12,15 +11,12 @@ import sqlalchemy.exc
 from sqlalchemy.dialects import postgresql as pg
 
 from session_cleanup_dagster import tables as t
-from session_cleanup_dagster.contract import RETENTION
 from session_cleanup_dagster.steps.loop import (
     FIRST_BATCH,
-    BeforeBatch,
     CapCheck,
     Progress,
     SafetyCapExceeded,
     StepOptions,
-    StepResult,
     _Batch,
     _begin_batch,
     _count_and_sample,
@@ -29,7 +25,6 @@ from session_cleanup_dagster.steps.loop import (
     _sample_array,
     _target_s,
     _timed,
-    _walk,
 )
 
 # A window never covers more heap than this (64 MiB of 8 KiB pages), so a batch that finds
@@ -312,18 +307,3 @@ class _HeapWalk:
 def _parse_tid(value: str) -> tuple[int, int]:
     page, item = value.strip("()").split(",")
     return int(page), int(item)
-
-
-def purge_declines(
-    engine: sa.Engine,
-    cutoff: datetime,
-    options: StepOptions = StepOptions(),
-    *,
-    retention: timedelta = RETENTION,
-    schema: str = "public",
-    before_batch: BeforeBatch | None = None,
-) -> StepResult:
-    """Delete every decline with ``created_at < cutoff - retention``."""
-    d = t.reflect(schema).declines
-    walk = _HeapWalk(d, [d.c.created_at < cutoff - retention], options)
-    return _walk(engine, "purge_declines", walk, cutoff, options, before_batch)
