@@ -257,14 +257,7 @@ def _privilege_error(
 
 
 def _check_index(conn: sa.Connection, step: str, schema: str, index: Index) -> str | None:
-    rows = conn.execute(
-        sa.text(
-            "SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) FROM pg_catalog.pg_index i"
-            " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
-            " WHERE i.indrelid = CAST(:rel AS regclass) AND a.attname = :col AND i.indisvalid"
-        ),
-        {"rel": f'"{schema}"."{index.table}"', "col": index.column},
-    ).all()
+    rows = t.indexes_leading_with(conn, f'"{schema}"."{index.table}"', index.column)
     qualified = f"{schema}.{index.table}"
     if not rows:
         raise PermanentDatabaseError(
@@ -274,7 +267,7 @@ def _check_index(conn: sa.Connection, step: str, schema: str, index: Index) -> s
     if index.predicate is None:
         return None
     wanted = _normalized(index.predicate)
-    if any(_normalized(predicate) == wanted for (predicate,) in rows if predicate):
+    if any(_normalized(predicate) == wanted for _, predicate in rows if predicate):
         return None
     return (
         f"{step}: the index on {qualified} ({index.column}) is not partial (WHERE "

@@ -87,22 +87,23 @@ def planner_estimate(conn: sa.Connection, table: sa.Table) -> tuple[float, int]:
     return float(row.reltuples), int(row.relpages)
 
 
-def has_btree_index_on(conn: sa.Connection, table: sa.Table, column: str) -> bool:
-    """Whether ``table`` has a valid, whole-table B-tree index that leads with ``column``."""
-    return bool(
-        conn.execute(
-            sa.text(
-                "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i"
-                " JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid"
-                " JOIN pg_catalog.pg_am am ON am.oid = ic.relam"
-                " JOIN pg_catalog.pg_attribute a"
-                " ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
-                " WHERE i.indrelid = CAST(:name AS regclass) AND a.attname = :column"
-                " AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL)"
-            ),
-            {"name": qualified_name(conn, table), "column": column},
-        ).scalar_one()
+def indexes_leading_with(conn: sa.Connection, table: str, column: str) -> list[tuple[str, str]]:
+    """The valid indexes of ``table`` (a ``regclass`` name) whose first column is ``column``.
+
+    Each as (access method, predicate): ``("btree", "")`` for a whole-table B-tree index.
+    """
+    rows = conn.execute(
+        sa.text(
+            "SELECT am.amname, coalesce(pg_catalog.pg_get_expr(i.indpred, i.indrelid), '')"
+            " FROM pg_catalog.pg_index i"
+            " JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid"
+            " JOIN pg_catalog.pg_am am ON am.oid = ic.relam"
+            " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+            " WHERE i.indrelid = CAST(:name AS regclass) AND a.attname = :column AND i.indisvalid"
+        ),
+        {"name": table, "column": column},
     )
+    return [(str(am), str(predicate)) for am, predicate in rows]
 
 
 def relation_oids(conn: sa.Connection, *tables: sa.Table) -> list[int]:

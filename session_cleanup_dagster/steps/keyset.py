@@ -214,18 +214,22 @@ class _IndexOrHeap:
     Many due rows (a backlog) touch most pages of the table: one pass in physical order reads
     each page once, where the index walk visits the same pages again and again in the
     timestamp's order. A few due rows (a normal night) touch few pages: the index finds them
-    without reading the rest of the table. With no usable index (``index`` None), the heap.
+    without reading the rest of the table. ``optional``: the app may have no such index (a
+    whole-table B-tree one that leads with the timestamp); then the heap.
     """
 
-    def __init__(self, index: _KeysetWalk | None, heap: _HeapWalk) -> None:
+    def __init__(self, index: _KeysetWalk, heap: _HeapWalk, *, optional: bool = False) -> None:
         self.index = index
         self.heap = heap
+        self.optional = optional
         self.chosen: _KeysetWalk | _HeapWalk = heap
 
     def start(self, conn: sa.Connection) -> None:
         self.heap.start(conn)
-        if self.index is None:
-            return
+        if self.optional:
+            table = t.qualified_name(conn, self.index.s)
+            if ("btree", "") not in t.indexes_leading_with(conn, table, self.index.at.name):
+                return
         self.index.start(conn)
         if (self.index.total or 0) * HEAP_WALK_PAGES_PER_ROW < self.heap.end_page:
             self.chosen = self.index
@@ -276,10 +280,7 @@ def purge_declines(
     """
     d = t.reflect(schema).declines
     due = [d.c.created_at < cutoff - retention]
-    index: _KeysetWalk | None = None
-    with engine.connect() as conn:
-        if t.has_btree_index_on(conn, d, "created_at"):
-            basis = "counted from the index on created_at"
-            index = _KeysetWalk(d, d.c.created_at, due, options, basis=basis)
-    walk = _IndexOrHeap(index, _HeapWalk(d, due, options))
+    basis = "counted from the index on created_at"
+    index = _KeysetWalk(d, d.c.created_at, due, options, basis=basis)
+    walk = _IndexOrHeap(index, _HeapWalk(d, due, options), optional=True)
     return _walk(engine, "purge_declines", walk, cutoff, options, before_batch)
