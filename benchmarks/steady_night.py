@@ -200,7 +200,7 @@ def job_step(url: str, step: str, cutoff: datetime) -> dict[str, Any]:
     without the Dagster event log, the advisory lock's connection and the topology probe
     (neither of which reads a page of the app's tables).
     """
-    from session_cleanup_dagster import assets, backlog, prerequisites, steps
+    from session_cleanup_dagster import assets, prerequisites, steps
     from session_cleanup_dagster.resources import make_engine
 
     engine = make_engine(url, application_name=APP_NAME)
@@ -208,16 +208,7 @@ def job_step(url: str, step: str, cutoff: datetime) -> dict[str, Any]:
         with engine.connect() as conn:
             prerequisites.check(conn, step, "public")
         result = getattr(steps, step)(engine, cutoff)
-        with engine.connect() as conn:
-            left = backlog.probe(
-                conn,
-                step,
-                cutoff,
-                exact_max_pages=assets.REPORT_EXACT_MAX_PAGES,
-                sample_pages=assets.REPORT_SAMPLE_PAGES,
-                sample_indexed=True,
-                probing_sample_pages=getattr(assets, "REPORT_PROBING_SAMPLE_PAGES", None),
-            )
+        left = assets.backlog_left(engine, step, cutoff)
     finally:
         engine.dispose()
     return {
@@ -242,21 +233,12 @@ def job_step_only(url: str, step: str, cutoff: datetime) -> dict[str, Any]:
 
 
 def backlog_only(url: str, step: str, cutoff: datetime) -> dict[str, Any]:
-    from session_cleanup_dagster import assets, backlog
+    from session_cleanup_dagster import assets
     from session_cleanup_dagster.resources import make_engine
 
     engine = make_engine(url, application_name=APP_NAME)
     try:
-        with engine.connect() as conn:
-            left = backlog.probe(
-                conn,
-                step,
-                cutoff,
-                exact_max_pages=assets.REPORT_EXACT_MAX_PAGES,
-                sample_pages=assets.REPORT_SAMPLE_PAGES,
-                sample_indexed=True,
-                probing_sample_pages=getattr(assets, "REPORT_PROBING_SAMPLE_PAGES", None),
-            )
+        left = assets.backlog_left(engine, step, cutoff)
     finally:
         engine.dispose()
     return {"backlog_rows": left.rows, "backlog_method": left.method}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import dagster as dg
@@ -138,6 +138,24 @@ def record_step(
         context.log_event(dg.AssetMaterialization(asset_key=key, metadata=metadata))
 
 
+def backlog_left(
+    engine: sa.Engine, step: str, cutoff: datetime, schema: str = "public", **step_kwargs: Any
+) -> backlog.Count:
+    """What a real run of ``step`` left, counted the bounded way a run reports it."""
+    with engine.connect() as conn:
+        return backlog.probe(
+            conn,
+            step,
+            cutoff,
+            schema=schema,
+            exact_max_pages=REPORT_EXACT_MAX_PAGES,
+            sample_pages=REPORT_SAMPLE_PAGES,
+            sample_indexed=True,
+            probing_sample_pages=REPORT_PROBING_SAMPLE_PAGES,
+            **step_kwargs,
+        )
+
+
 def report_step(
     context: dg.OpExecutionContext,
     engine: sa.Engine,
@@ -159,17 +177,6 @@ def report_step(
             method="exact, counted by the dry run's own walk",
         )
     else:
-        with engine.connect() as conn:
-            left = backlog.probe(
-                conn,
-                result.step,
-                result.cutoff,
-                schema=schema,
-                exact_max_pages=REPORT_EXACT_MAX_PAGES,
-                sample_pages=REPORT_SAMPLE_PAGES,
-                sample_indexed=True,
-                probing_sample_pages=REPORT_PROBING_SAMPLE_PAGES,
-                **step_kwargs,
-            )
+        left = backlog_left(engine, result.step, result.cutoff, schema, **step_kwargs)
     context.log.info("%s: backlog %d rows (%s)", result.step, left.rows, left.method)
     record_step(context, result, left, source)
