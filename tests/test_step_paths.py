@@ -298,22 +298,20 @@ def test_orphan_walk_takes_every_fingerprint_of_a_session_whatever_the_batch_siz
     )
 
 
-@pytest.mark.parametrize("batch_size", [1, 50_000])
-def test_orphan_walk_rechecks_each_row_when_it_deletes(app_url: str, batch_size: int) -> None:
-    # Pass 1 finds the missing sessions; by pass 2 one of them exists (the app inserted it),
-    # so its fingerprints are no longer orphans and must stay.
-    data.boundaries(app_url)
-    hour = timedelta(hours=1)
-    _insert_orphans(app_url, 12, per_session=3, age=lambda n: 2 * hour)
-    arrived = data.uid(900_001)
+def _orphans_with_a_session_arriving(
+    url: str, arrived: Any, unit: str, batch_size: int
+) -> tuple[steps.StepResult, pg.Snapshot]:
+    """Run the orphan step; before its first batch in ``unit`` (pass 2), the app inserts
+    session ``arrived``. Returns the result and the whole state just after the insert."""
     at_pass_2: list[pg.Snapshot] = []
 
     def before_batch(progress: steps.Progress) -> None:
-        if progress.unit == "orphaned session ids" and not at_pass_2:
-            data.insert_session(app_url, arrived, "u8", T - hour, ended_at=T - hour)
-            at_pass_2.append(pg.snapshot(app_url))
+        if progress.unit == unit and not at_pass_2:
+            hour = timedelta(hours=1)
+            data.insert_session(url, arrived, "u8", T - hour, ended_at=T - hour)
+            at_pass_2.append(pg.snapshot(url))
 
-    engine = pg.engine(app_url)
+    engine = pg.engine(url)
     try:
         result = steps.remove_orphan_fingerprints(
             engine, T, StepOptions(batch_size=batch_size), before_batch=before_batch
@@ -321,6 +319,19 @@ def test_orphan_walk_rechecks_each_row_when_it_deletes(app_url: str, batch_size:
     finally:
         engine.dispose()
     [state] = at_pass_2
+    return result, state
+
+
+@pytest.mark.parametrize("batch_size", [1, 50_000])
+def test_orphan_walk_rechecks_each_row_when_it_deletes(app_url: str, batch_size: int) -> None:
+    # Pass 1 finds the missing sessions; by pass 2 one of them exists (the app inserted it),
+    # so its fingerprints are no longer orphans and must stay.
+    data.boundaries(app_url)
+    hour = timedelta(hours=1)
+    _insert_orphans(app_url, 12, per_session=3, age=lambda n: 2 * hour)
+    result, state = _orphans_with_a_session_arriving(
+        app_url, data.uid(900_001), "orphaned session ids", batch_size
+    )
     assert pg.snapshot(app_url) == model.remove_orphan_fingerprints(state, T)
     kept = {row["id"] for row in pg.snapshot(app_url)["device_fingerprints"]}
     assert {data.uid(910_003), data.uid(910_004), data.uid(910_005)} <= kept
@@ -492,22 +503,10 @@ def test_orphan_walk_s_second_pass_through_the_heap_keeps_the_contract(
         dry = steps.remove_orphan_fingerprints(engine, T, StepOptions(dry_run=True)).changed
     finally:
         engine.dispose()
-    arrived = data.uid(900_003)  # the session of orphans 12-15 (two of them due)
-    at_pass_2: list[pg.Snapshot] = []
-
-    def before_batch(progress: steps.Progress) -> None:
-        if progress.unit == "pages" and not at_pass_2:
-            data.insert_session(app_url, arrived, "u8", T - hour, ended_at=T - hour)
-            at_pass_2.append(pg.snapshot(app_url))
-
-    engine = pg.engine(app_url)
-    try:
-        result = steps.remove_orphan_fingerprints(
-            engine, T, StepOptions(batch_size=batch_size), before_batch=before_batch
-        )
-    finally:
-        engine.dispose()
-    [state] = at_pass_2
+    # The session of orphans 12-15 (two of them due) arrives.
+    result, state = _orphans_with_a_session_arriving(
+        app_url, data.uid(900_003), "pages", batch_size
+    )
     expected = model.remove_orphan_fingerprints(state, T)
     assert pg.snapshot(app_url) == expected
     assert data.uid(910_014) in {row["id"] for row in expected["device_fingerprints"]}
