@@ -16,7 +16,7 @@ from pathlib import Path
 from session_cleanup_dev.seed import parse_scale
 
 from benchmarks import databases, report, runner
-from benchmarks.approaches import APPROACHES
+from benchmarks.approaches import APPROACHES, parse_approach
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -27,7 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--approaches",
         default=",".join(APPROACHES),
-        help=f"comma-separated subset of {','.join(APPROACHES)}",
+        help=f"comma-separated subset of {','.join(APPROACHES)}; NAME@REF runs NAME with the "
+        "code of git commit REF (a worktree made for the run), so one run compares a change "
+        "with the code before it, e.g. job,job@HEAD~3",
     )
     parser.add_argument(
         "--admin-url",
@@ -75,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     scales = [(s.strip().upper(), parse_scale(s)) for s in args.scales.split(",") if s.strip()]
     approaches = [a.strip() for a in args.approaches.split(",") if a.strip()]
-    unknown = set(approaches) - set(APPROACHES)
-    if unknown:
-        raise SystemExit(f"unknown approaches {sorted(unknown)}; choose from {APPROACHES}")
+    for approach in approaches:
+        try:
+            parse_approach(approach)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     # A SIGTERM (``timeout``, ``kill``) unwinds like Ctrl-C, so the runner's ``finally`` drops
     # the benchmark's databases (and stops an embedded server) instead of leaving them behind.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -31,6 +31,22 @@ LABELS = {
 APP_NAME = "bench-cleanup"
 
 
+def parse_approach(name: str) -> tuple[str, str | None]:
+    """``job`` or ``job@<git ref>``: an approach, and the commit whose code runs it (None:
+    this checkout). A ref lets one run compare a change with the code before it."""
+    base, _, ref = name.partition("@")
+    if base not in APPROACHES or (ref == "" and "@" in name):
+        raise ValueError(
+            f"unknown approach {name!r}; choose from {APPROACHES}, each optionally @<git ref>"
+        )
+    return base, ref or None
+
+
+def label(name: str) -> str:
+    base, ref = parse_approach(name)
+    return LABELS[base] + (f", the code at {ref}" if ref else "")
+
+
 def _old_sql(t: str) -> list[tuple[str, str]]:
     # What the BullMQ worker ran (DESIGN.md), with the cutoff as a parameter.
     return [
@@ -215,6 +231,8 @@ def main(argv: list[str]) -> None:
         "wall_s": time.monotonic() - started,
         # Linux reports ru_maxrss in KiB.
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # Where the code under test came from: this checkout, or an approach@ref's worktree.
+        "package": getattr(sys.modules.get("session_cleanup_dagster"), "__file__", None),
     }
     sys.stdout.write(json.dumps(out, default=str) + "\n")
 

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.approaches import APPROACHES, LABELS, STEPS
+from benchmarks.approaches import STEPS, label
 
 TARGET_RATIO = 0.8
 TARGET_XACT_S = 0.25
@@ -26,10 +26,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for scale, entry in results["scales"].items():
         per: dict[str, Any] = {}
-        for approach in APPROACHES:
+        # In the order they ran: old, limit, job, steps, and any of them at another commit.
+        for approach in dict.fromkeys(r["approach"] for r in entry["runs"]):
             runs = [r for r in entry["runs"] if r["approach"] == approach]
-            if not runs:
-                continue
             steps = {}
             for step in STEPS:
                 done = all(r["steps"][step]["done"] for r in runs)
@@ -197,7 +196,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], goals: list[dict[
             if batch:
                 xact += f" (longest batch {batch * 1000:.0f} ms)"
             lines.append(
-                f"| {LABELS[approach]} | "
+                f"| {label(approach)} | "
                 + " | ".join(cells)
                 + f" | {xact} | {a['peak_rss_mib']:.0f} MiB"
                 + f" | {_fmt(a['app_p50_ms'], 1)} / {_fmt(a['app_p99_ms'], 1)} / "
@@ -209,9 +208,9 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], goals: list[dict[
         busy = data.get("busy")
         if busy:
             baselines.append(("app while one backend only computes (no cleanup)", busy))
-        for label, app in baselines:
+        for name, app in baselines:
             lines.append(
-                f"| {label} | | | | | | {_fmt(app['p50_ms'], 1)} / {_fmt(app['p99_ms'], 1)} / "
+                f"| {name} | | | | | | {_fmt(app['p50_ms'], 1)} / {_fmt(app['p99_ms'], 1)} / "
                 f"{_fmt(app['max_ms'], 0)} | {app['over_1s']} | |"
             )
         lines.append("")
@@ -261,7 +260,7 @@ def plots(summary: dict[str, Any], results: dict[str, Any], out: Path, stem: str
 
     written = []
     scales = list(summary)
-    approaches = [a for a in APPROACHES if any(a in summary[s]["approaches"] for s in scales)]
+    approaches = list(dict.fromkeys(a for s in scales for a in summary[s]["approaches"]))
     fig, axes = plt.subplots(1, len(STEPS), figsize=(5 * len(STEPS), 4.2), squeeze=False)
     width = 0.8 / max(1, len(approaches))
     for i, step in enumerate(STEPS):
@@ -296,19 +295,19 @@ def plots(summary: dict[str, Any], results: dict[str, Any], out: Path, stem: str
         fig, ax = plt.subplots(figsize=(10, 4))
         for approach, run in runs.items():
             series = run["app"]["series"]
-            ax.plot([p[0] for p in series], [p[1] for p in series], label=LABELS[approach], lw=0.8)
+            ax.plot([p[0] for p in series], [p[1] for p in series], label=label(approach), lw=0.8)
         ours = [p[0] for p in runs["job"]["app"]["series"]] if "job" in runs else []
         if ours:
             # The old statements run for minutes; show the window our job ran in, and more.
             ax.set_xlim(0, max(30.0, 3 * max(ours)))
         entry = results["scales"][scale]
-        for baseline, style, label in (
+        for baseline, style, line_name in (
             ("idle", "--", "idle p99"),
             ("busy", ":", "p99 while one backend only computes"),
         ):
             p99 = (entry.get(baseline) or {}).get("p99_ms")
             if p99:
-                ax.axhline(p99, color="grey", ls=style, lw=0.8, label=label)
+                ax.axhline(p99, color="grey", ls=style, lw=0.8, label=line_name)
         ax.set_yscale("log")
         ax.set_xlabel("seconds since the cleanup started (the old statements go on beyond)")
         ax.set_ylabel("worst app write latency per 0.25 s (ms)")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +20,7 @@ from typing import Any
 import psycopg
 
 from benchmarks import app_load, databases
-from benchmarks.approaches import APP_NAME, STEPS
+from benchmarks.approaches import APP_NAME, STEPS, parse_approach
 
 log = logging.getLogger("benchmarks")
 
@@ -37,6 +41,8 @@ class Options:
     multiprocess: bool = True
     sample_every_s: float = 0.02
     results: dict[str, Any] = field(default_factory=dict)
+    # approach@ref -> a checkout of ref (made by ``checkouts``)
+    trees: dict[str, Path] = field(default_factory=dict)
 
 
 class XactSampler:
@@ -92,20 +98,53 @@ class XactSampler:
         self.thread.join(10)
 
 
-def run_child(approach: str, url: str, guard_s: float) -> dict[str, Any]:
-    """Run one approach in a fresh Python process; its JSON line is the result."""
+@contextlib.contextmanager
+def checkouts(approaches: list[str]) -> Iterator[dict[str, Path]]:
+    """A detached worktree of this repository per ``approach@ref``; removed afterwards."""
+    trees: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="scbench-trees-") as root:
+        try:
+            for approach in approaches:
+                _, ref = parse_approach(approach)
+                if ref is None:
+                    continue
+                tree = Path(root) / str(len(trees))
+                subprocess.run(
+                    ["git", "worktree", "add", "--quiet", "--detach", str(tree), ref],
+                    cwd=REPO,
+                    check=True,
+                )
+                trees[approach] = tree
+            yield trees
+        finally:
+            for tree in trees.values():
+                subprocess.run(
+                    ["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False
+                )
+
+
+def run_child(approach: str, url: str, guard_s: float, tree: Path | None = None) -> dict[str, Any]:
+    """Run one approach in a fresh Python process; its JSON line is the result.
+
+    ``tree``: a checkout of another commit, whose package and benchmark code run instead of
+    this one's (first on the path, before the editable install's finder).
+    """
     started = time.monotonic()
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), str(tree / "dev")])
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "benchmarks.approaches",
-            approach,
+            approach.partition("@")[0],  # the name; the ref is in ``tree``
             url,
             CUTOFF.isoformat(),
             str(guard_s),
         ],
-        cwd=REPO,
+        cwd=tree or REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=guard_s * 3 + 900,
@@ -144,7 +183,7 @@ def measure(
         with XactSampler(server.admin_url, database, options.sample_every_s) as sampler:
             since = load.start()
             try:
-                child = run_child(approach, url, options.guard_s)
+                child = run_child(approach, url, options.guard_s, options.trees.get(approach))
             finally:
                 samples = load.stop()
         app = app_load.summarize(samples, since)
@@ -234,6 +273,12 @@ def idle_baseline(
 
 
 def run(options: Options) -> dict[str, Any]:
+    with checkouts(options.approaches) as trees:
+        options.trees = trees
+        return _run(options)
+
+
+def _run(options: Options) -> dict[str, Any]:
     server = databases.Server(options.admin_url)
     results: dict[str, Any] = {
         "cutoff": CUTOFF.isoformat(),

@@ -44,7 +44,9 @@ def _benchmark(admin_url: str, out: Path, *args: str) -> subprocess.Popen[str]:
 
 
 def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path: Path) -> None:
-    args = ("--scales", "XS", "--idle-s", "1", "--overhead-runs", "1")
+    # steps@HEAD: the step functions again, from a worktree of the last commit.
+    approaches = "old,limit,job,steps,steps@HEAD"
+    args = ("--scales", "XS", "--idle-s", "1", "--overhead-runs", "1", "--approaches", approaches)
     with _benchmark(admin_url, tmp_path, *args) as proc:
         try:
             _, stderr = proc.communicate(timeout=300)
@@ -53,7 +55,7 @@ def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path
     assert proc.returncode == 0, stderr[-3000:]
     results = json.loads((tmp_path / "XS.json").read_text())
     runs = results["scales"]["XS"]["runs"]
-    assert {run["approach"] for run in runs} == {"old", "limit", "job", "steps"}
+    assert [run["approach"] for run in runs] == approaches.split(",")
     for run in runs:
         assert run["verified"]["ok"], (run["approach"], run["verified"])
         assert all(step["done"] for step in run["steps"].values()), run["approach"]
@@ -78,6 +80,12 @@ def test_benchmark_xs_smoke_run_verifies_every_approach(admin_url: str, tmp_path
     assert scale["busy"]["busy_queries"] > 0
     report = (tmp_path / "XS.md").read_text()
     assert "### Targets" in report
+    # steps@HEAD ran the worktree's package, not this checkout's, and the worktree is gone.
+    (here, there) = [run["process"]["package"] for run in runs if run["approach"] != "old"][2:]
+    assert Path(here).is_relative_to(REPO), here
+    assert not Path(there).is_relative_to(REPO) and "scbench-trees-" in there, there
+    assert not Path(there).exists()
+    assert "the code at HEAD" in report
     assert "app while one backend only computes" in report
     assert "after a VACUUM (ANALYZE) of that copy" in report
     # Every database the benchmark created is gone.
