@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.approaches import STEPS, label
+from benchmarks.approaches import STEPS, label, parse_approach
 
 TARGET_RATIO = 0.8
 TARGET_XACT_S = 0.25
@@ -62,7 +62,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 "verified": all(r["verified"]["ok"] for r in runs),
                 "rounds": len(runs),
             }
-            if approach == "job":
+            if parse_approach(approach)[0] == "job":
                 # Right after the cleanup, and again once the copy is vacuumed.
                 for when in ("zero_row", "zero_row_vacuumed"):
                     zero = [z["_job"]["wall_s"] for r in runs for z in r.get(f"{when}_runs", [])]

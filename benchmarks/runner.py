@@ -201,10 +201,15 @@ def measure(
             "verified": check,
             "due_before": {s: before[f"due_{s}"] for s in STEPS},
         }
-        if approach == "job":
+        if parse_approach(approach)[0] == "job":
 
             def repeat(what: str) -> list[dict[str, Any]]:
-                return [run_child(what, url, options.guard_s) for _ in range(options.overhead_runs)]
+                # The job's zero-row runs with its own code (job@REF: that commit's).
+                tree = options.trees.get(approach) if what == "job" else None
+                return [
+                    run_child(what, url, options.guard_s, tree)
+                    for _ in range(options.overhead_runs)
+                ]
 
             # The same job again on the now clean copy: a run with nothing to change.
             result["zero_row_runs"] = repeat("job")
