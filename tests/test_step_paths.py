@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from session_cleanup_dev.seed import seed_database
 
 from session_cleanup_dagster import steps
-from session_cleanup_dagster.steps import StepOptions, loop, orphans
+from session_cleanup_dagster import tables as t
+from session_cleanup_dagster.steps import StepOptions, keyset, loop, orphans
 from session_cleanup_dagster.steps.chooser import _Chooser
 from tests import data, model, pg
 from tests.data import T
@@ -89,6 +90,27 @@ def test_few_due_sessions_in_a_large_table_walk_the_partial_index(app_url: str) 
     before = pg.snapshot(app_url)
     assert _units(app_url, "expire_sessions") == {"rows"}
     assert pg.snapshot(app_url) == model.expire_sessions(before, T)
+
+
+def test_the_walk_choice_counts_due_sessions_only_up_to_where_the_heap_wins(app_url: str) -> None:
+    """The choice needs to know whether the due rows reach one per page, not how many more."""
+    _few_due_sessions_among_many(app_url, ties=5)
+    before = pg.snapshot(app_url)
+    due = model.rows_changed(before, model.expire_sessions(before, T), "after_hours_sessions")
+    s = t.reflect("public").sessions
+    condition = [s.c.ended_at.is_(None), s.c.expires_at < T]
+    walk = keyset._KeysetWalk(s, s.c.expires_at, condition, StepOptions(), basis="")
+    engine = pg.engine(app_url)
+    try:
+        with engine.connect() as conn:
+            counted: dict[int | None, int | None] = {}
+            for most in (None, 3, due - 1, due, due + 1):
+                walk.start(conn, most=most)
+                counted[most] = walk.total
+    finally:
+        engine.dispose()
+    assert counted == {None: due, 3: 3, due - 1: due - 1, due: due, due + 1: due}
+    assert pg.snapshot(app_url) == before
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 4, 1000])

@@ -98,10 +98,13 @@ class _KeysetWalk:
             return sa.delete(self.s).where(*where)
         return sa.update(self.s).where(*where).values(self.values)
 
-    def start(self, conn: sa.Connection) -> None:
-        # Counting the due rows walks the same index the step will walk.
+    def start(self, conn: sa.Connection, most: int | None = None) -> None:
+        """Count the due rows (through the same index the step walks); at most ``most``."""
+        due = sa.select(sa.literal(1)).select_from(self.s).where(*self.due)
+        if most is not None:
+            due = due.limit(most)
         self.total = conn.execute(
-            sa.select(sa.func.count()).select_from(self.s).where(*self.due)
+            sa.select(sa.func.count()).select_from(due.subquery())
         ).scalar_one()
 
     def _next(self, limit: int, lock: bool) -> sa.CTE:
@@ -230,8 +233,11 @@ class _IndexOrHeap:
             table = t.qualified_name(conn, self.index.s)
             if ("btree", "") not in t.indexes_leading_with(conn, table, self.index.at.name):
                 return
-        self.index.start(conn)
-        if (self.index.total or 0) * HEAP_WALK_PAGES_PER_ROW < self.heap.end_page:
+        # The count stops where the heap wins: a backlog's due rows are not all counted
+        # (750,000 at L: 60 ms and 10.4k pages, against 14 ms and 1.2k pages up to 93,000).
+        most = -(-self.heap.end_page // HEAP_WALK_PAGES_PER_ROW)
+        self.index.start(conn, most=most)
+        if (self.index.total or 0) < most:
             self.chosen = self.index
 
     def run_batch(
