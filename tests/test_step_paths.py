@@ -20,20 +20,38 @@ from session_cleanup_dev.seed import seed_database
 
 from session_cleanup_dagster import steps
 from session_cleanup_dagster import tables as t
-from session_cleanup_dagster.steps import StepOptions, keyset, loop, orphans
+from session_cleanup_dagster.steps import StepOptions, StepResult, keyset, loop, orphans
 from session_cleanup_dagster.steps.chooser import _Chooser
 from tests import data, model, pg
 from tests.data import T
 
 
-def _units(url: str, step: str, options: StepOptions = StepOptions()) -> set[str]:
+def _run(url: str, step: str, options: StepOptions = StepOptions()) -> tuple[StepResult, set[str]]:
+    """Run ``step`` at T: its result, and the units its batches walked (rows or pages)."""
     seen: set[str] = set()
     engine = pg.engine(url)
     try:
-        getattr(steps, step)(engine, T, options, before_batch=lambda p: seen.add(p.unit))
+        result = getattr(steps, step)(engine, T, options, before_batch=lambda p: seen.add(p.unit))
     finally:
         engine.dispose()
-    return seen
+    return result, seen
+
+
+def _units(url: str, step: str, options: StepOptions = StepOptions()) -> set[str]:
+    return _run(url, step, options)[1]
+
+
+def _run_with_row_held(
+    url: str, table: str, row_id: Any, step: str, options: StepOptions = StepOptions()
+) -> tuple[StepResult, set[str], pg.Snapshot]:
+    """Run ``step`` while the app holds row ``row_id`` of ``table`` ``FOR UPDATE``: its
+    result, the units it walked, and the database as it left it (the lock still held)."""
+    with psycopg.connect(url) as holder:
+        holder.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", (row_id,))
+        result, units = _run(url, step, options)
+        during = pg.snapshot(url)
+        holder.rollback()
+    return result, units, during
 
 
 def _insert_orphans(
@@ -131,28 +149,15 @@ def test_the_index_walk_skips_a_session_the_app_holds_locked_and_the_next_run_ta
     """The plain UPDATE meets the lock, is rolled back, and its rows go the careful way."""
     before, expected = _ties_and_expected(app_url)
     locked = data.uid(700_002)
-    with psycopg.connect(app_url) as holder:
-        holder.execute("SELECT 1 FROM after_hours_sessions WHERE id = %s FOR UPDATE", (locked,))
-        engine = pg.engine(app_url)
-        try:
-            units: set[str] = set()
-            result = steps.expire_sessions(
-                engine, T, StepOptions(batch_size=2), before_batch=lambda p: units.add(p.unit)
-            )
-        finally:
-            engine.dispose()
-        during = pg.snapshot(app_url)
-        holder.rollback()
+    result, units, during = _run_with_row_held(
+        app_url, "after_hours_sessions", locked, "expire_sessions", StepOptions(batch_size=2)
+    )
     assert units == {"rows"}
     assert result.changed == _changed_sessions(before, expected) - 1
     assert pg.without_row(during, locked) == pg.without_row(expected, locked)
     assert pg.without_row(before, locked) != pg.without_row(expected, locked)
     assert pg.row_with_id(during, locked) == pg.row_with_id(before, locked)
-    engine = pg.engine(app_url)
-    try:
-        assert steps.expire_sessions(engine, T).changed == 1
-    finally:
-        engine.dispose()
+    assert _run(app_url, "expire_sessions")[0].changed == 1
     assert pg.snapshot(app_url) == expected
 
 
@@ -234,18 +239,11 @@ def test_purge_declines_index_walk_skips_a_decline_the_app_holds_locked(app_url:
         if row not in expected["after_hours_declines"]
     ]
     locked = due[0]
-    with psycopg.connect(app_url) as holder:
-        holder.execute("SELECT 1 FROM after_hours_declines WHERE id = %s FOR UPDATE", (locked,))
-        assert _units(app_url, "purge_declines") == {"rows"}
-        during = pg.snapshot(app_url)
-        holder.rollback()
+    _, units, during = _run_with_row_held(app_url, "after_hours_declines", locked, "purge_declines")
+    assert units == {"rows"}
     assert pg.without_row(during, locked) == pg.without_row(expected, locked)
     assert pg.row_with_id(during, locked) == pg.row_with_id(before, locked)
-    engine = pg.engine(app_url)
-    try:
-        assert steps.purge_declines(engine, T).changed == 1
-    finally:
-        engine.dispose()
+    assert _run(app_url, "purge_declines")[0].changed == 1
     assert pg.snapshot(app_url) == expected
 
 
