@@ -16,6 +16,12 @@ from session_cleanup_dagster.contract import GRACE_MINUTES, RETENTION_DAYS
 from session_cleanup_dagster.steps import StepOptions
 
 MAX_BATCH_SIZE = 50_000
+# Transient database errors: each op retries 3 times, waiting retry_delay_s, then twice and
+# four times that (each +-50 % jitter). At most 5 s, so the longest wait (4 x 1.5 x 5 = 30 s)
+# plus a connection attempt stays inside the stuck-run sensor's grace (docs/operations.md).
+MAX_RETRIES = 3
+RETRY_DELAY_S = 2.0
+MAX_RETRY_DELAY_S = 5.0
 
 
 def parse_instant(value: str) -> datetime:
@@ -75,6 +81,13 @@ class CleanupConfig(dg.Config):  # type: ignore[misc]
             "Safety cap: stop and fail before this step changes more rows than this. Empty: no cap."
         ),
     )
+    retry_delay_s: float = Field(
+        default=RETRY_DELAY_S,
+        description=(
+            f"First wait before retrying a transient database error (0.1 to {MAX_RETRY_DELAY_S:g} "
+            f"s); it doubles for each of the {MAX_RETRIES} retries, each +-50 % jitter."
+        ),
+    )
 
     def problems(self) -> list[str]:
         """What is invalid, one sentence each; empty when the config is fine."""
@@ -94,6 +107,10 @@ class CleanupConfig(dg.Config):  # type: ignore[misc]
         if self.max_rows is not None and self.max_rows < 1:
             found.append(
                 f"max_rows is {self.max_rows}; use a positive number, or leave it empty for no cap."
+            )
+        if not 0.1 <= self.retry_delay_s <= MAX_RETRY_DELAY_S:
+            found.append(
+                f"retry_delay_s is {self.retry_delay_s:g}; use 0.1 to {MAX_RETRY_DELAY_S:g} s."
             )
         return found
 

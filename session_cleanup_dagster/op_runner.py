@@ -1,7 +1,8 @@
 """What every op does around its SQL function: validate, resolve T, check, run, report.
 
 Errors leave here sorted. Transient database errors are retried: ``dagster.RetryRequested``
-(3 retries, exponential backoff from 2 s with jitter) caused by a TransientDatabaseError.
+(3 retries, exponential backoff from the config's ``retry_delay_s``, 2 s by default) caused
+by a TransientDatabaseError.
 Not a ``RetryPolicy``: Dagster turns an interrupt inside an op that has a RetryPolicy into a
 retry, so a terminated run would re-run each op (waiting out the backoff) before ending
 CANCELED; measured, 24 s instead of under 1 s. Everything else becomes ``dagster.Failure`` with
@@ -32,7 +33,7 @@ from session_cleanup_dagster import (
     steps,
     topology,
 )
-from session_cleanup_dagster.config import CleanupConfig
+from session_cleanup_dagster.config import MAX_RETRIES, CleanupConfig
 from session_cleanup_dagster.cutoff import resolve_cutoff
 from session_cleanup_dagster.resources import AppDatabase
 
@@ -42,13 +43,10 @@ PROGRESS_EVERY_S = 5.0
 # long plus one batch; a terminated run worker interrupts the batch itself at once.
 CANCEL_CHECK_EVERY_S = 0.5
 
-MAX_RETRIES = 3
-RETRY_DELAY_S = 2.0
 
-
-def retry_delay_s(retry_number: int) -> float:
-    """Exponential backoff from 2 s (2, 4, 8 s), each with +-50 % jitter."""
-    return float(RETRY_DELAY_S * 2**retry_number * random.uniform(0.5, 1.5))  # noqa: S311
+def retry_delay_s(first_s: float, retry_number: int) -> float:
+    """Exponential backoff from ``first_s`` (2, 4, 8 s from 2 s), each with +-50 % jitter."""
+    return float(first_s * 2**retry_number * random.uniform(0.5, 1.5))  # noqa: S311
 
 
 StepFunction = Callable[..., steps.StepResult]
@@ -151,7 +149,8 @@ def run_step(
                 # retry reaches whatever the URL's host leads to then.
                 app_db.reconnect()
             raise dg.RetryRequested(
-                max_retries=MAX_RETRIES, seconds_to_wait=retry_delay_s(context.retry_number)
+                max_retries=MAX_RETRIES,
+                seconds_to_wait=retry_delay_s(config.retry_delay_s, context.retry_number),
             ) from errors.TransientDatabaseError(message)
         raise dg.Failure(description=message, allow_retries=False) from None
     except sa.exc.ArgumentError as exc:

@@ -61,6 +61,8 @@ CONFIG_MATRIX = [
         -1,
         "max_rows is -1; use a positive number, or leave it empty for no cap.",
     ),
+    ("expire_sessions", "retry_delay_s", 0, "retry_delay_s is 0; use 0.1 to 5 s."),
+    ("purge_declines", "retry_delay_s", 60, "retry_delay_s is 60; use 0.1 to 5 s."),
     ("purge_declines", "retention_days", 0, "retention_days is 0; use 1 to 3650 days."),
     ("purge_declines", "retention_days", -7, "retention_days is -7; use 1 to 3650 days."),
     ("purge_declines", "retention_days", 3651, "retention_days is 3651; use 1 to 3650 days."),

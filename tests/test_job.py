@@ -236,12 +236,22 @@ def test_role_without_delete_fails_fast_naming_the_grant(app_url: str) -> None:
 
 def test_unreachable_database_is_retried_with_backoff_then_fails_clearly() -> None:
     url = "postgresql://cleanup:s3cret-pw@127.0.0.1:1/app"  # nothing listens on port 1
-    result = run_job(url, partition_key="2026-11-27")
+    # A short first wait keeps the test quick; test_operations waits out the default 2 s.
+    config = {op: {"retry_delay_s": 0.2} for op in OPS}
+    result = run_job(url, partition_key="2026-11-27", op_config=config)
     assert not result.success
     message = failure_message(result, "expire_sessions")
     assert "127.0.0.1:1/app" in message and "Connection refused" in message
     assert "s3cret-pw" not in message
-    assert attempts(result, "expire_sessions") == 4  # the first try and 3 retries
+    for op in OPS:
+        assert attempts(result, op) == 4  # the first try and 3 retries
+        # The backoff each retry asked for: 0.2, 0.4, 0.8 s, each +-50 % jitter.
+        waits = [
+            e.step_retry_data.seconds_to_wait
+            for e in result.events_for_node(op)
+            if e.event_type_value == "STEP_UP_FOR_RETRY"
+        ]
+        assert [0.1 * 2**i <= (w or 0) <= 0.3 * 2**i for i, w in enumerate(waits)] == [True] * 3
 
 
 def test_invalid_config_is_rejected_before_any_work(app_url: str) -> None:

@@ -343,7 +343,7 @@ def test_app_database_down_at_start_retries_with_backoff_then_fails_clearly(
         ups = [when for step, kind, when in kinds if (step, kind) == (op, "STEP_UP_FOR_RETRY")]
         restarts = [when for step, kind, when in kinds if (step, kind) == (op, "STEP_RESTARTED")]
         assert len(ups) == len(restarts) == 3, kinds
-        # Backoff: 2, 4, 8 s, each with +-50 % jitter.
+        # The default backoff: 2, 4, 8 s, each with +-50 % jitter.
         waits = [b - a for a, b in zip(ups, restarts, strict=True)]
         print(f"\n[timing] {op} retry waits: {', '.join(f'{w:.1f}' for w in waits)} s")
         assert all(w >= 0.9 * 2**i for i, w in enumerate(waits)), waits
