@@ -18,9 +18,12 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from benchmarks.approaches import STEPS
 from benchmarks.databases import PREFIX
+
+pytestmark = pytest.mark.slow  # ./run test starts the long modules first
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -27,6 +27,8 @@ from tests import data, model, pg
 from tests.data import T
 from tests.stack import BIN, JOB, REPO, free_port, stop_group, wait_for
 
+pytestmark = pytest.mark.slow  # ./run test starts the long modules first
+
 UNSET = ("DAGSTER_HOME", "DAGSTER_PG_URL", "APP_DATABASE_URL", "SESSION_CLEANUP_START_DATE")
 
 

@@ -236,7 +236,8 @@ def test_role_without_delete_fails_fast_naming_the_grant(app_url: str) -> None:
 
 def test_unreachable_database_is_retried_with_backoff_then_fails_clearly() -> None:
     url = "postgresql://cleanup:s3cret-pw@127.0.0.1:1/app"  # nothing listens on port 1
-    # A short first wait keeps the test quick; test_operations waits out the default 2 s.
+    # A short first wait keeps the test quick; tests/operations/test_queue.py waits out the
+    # default 2 s.
     config = {op: {"retry_delay_s": 0.2} for op in OPS}
     result = run_job(url, partition_key="2026-11-27", op_config=config)
     assert not result.success

@@ -40,7 +40,7 @@ from tests.jobrun import OPS, output_metadata, run_job
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 # pytest-timeout's 600 s suits the ci profile; the long one runs for tens of minutes a test.
-pytestmark = pytest.mark.timeout(600 if PROFILE == "ci" else 4 * 3600)
+pytestmark = [pytest.mark.timeout(600 if PROFILE == "ci" else 4 * 3600), pytest.mark.slow]
 
 MICRO = timedelta(microseconds=1)
 DEFAULT_RETENTION = timedelta(days=7)

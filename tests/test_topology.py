@@ -30,6 +30,8 @@ from tests.data import T
 from tests.jobrun import OPS, attempts, failure_message, output_metadata, run_job
 from tests.stack import wait_for
 
+pytestmark = pytest.mark.slow  # ./run test starts the long modules first
+
 PARTITION = "2026-11-27"  # its window ends at T
 GRANTS = Path(__file__).resolve().parent.parent / "docs" / "grants.sql"
 SMALL = {op: {"batch_size": 10, "target_batch_ms": 0} for op in OPS}

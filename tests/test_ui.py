@@ -27,6 +27,8 @@ from session_cleanup_dagster.checks import CHECKS_JOB
 from tests import data, model, pg
 from tests.ui_stack import Stack, ui_stack
 
+pytestmark = pytest.mark.slow  # ./run test starts the long modules first
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
